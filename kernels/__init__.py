@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as ``prophet.kernels``. Importing this package never needs Triton."""

@@ -1,0 +1,40 @@
+"""The one place Prophet reads environment variables.
+
+Every other module asks this one, so the variables a user can set are listed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return _flag("TRITON_INTERPRET")
+
+
+def kernel_backend() -> str:
+    """``PROPHET_KERNELS``: ``auto`` (Triton on CUDA, reference elsewhere), ``triton`` or ``reference``."""
+    value = os.environ.get("PROPHET_KERNELS", "auto").strip().lower()
+    if value not in ("auto", "triton", "reference"):
+        from prophet.errors import ConfigError
+
+        raise ConfigError(f"PROPHET_KERNELS={value!r}: use one of auto, triton, reference")
+    return value
+
+
+def kernel_config_dir() -> str | None:
+    """``PROPHET_KERNEL_CONFIGS``: an extra folder of tuned kernel launch settings (JSON)."""
+    return os.environ.get("PROPHET_KERNEL_CONFIGS") or None
+
+
+def shared_traces_dir() -> str | None:
+    """``PROPHET_SHARED_TRACES``: folder of the shared real router traces (tests and experiments)."""
+    return os.environ.get("PROPHET_SHARED_TRACES") or None

@@ -1,0 +1,39 @@
+"""Shared test setup: the `gpu` marker skips without CUDA; the shared real traces are found or skipped."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_traces_dir() -> Path:
+    """``../shared/traces`` beside the checkout, or ``$PROPHET_SHARED_TRACES``."""
+    env = os.environ.get("PROPHET_SHARED_TRACES")
+    return Path(env) if env else REPO.parent / "shared" / "traces"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def shared_traces() -> Path:
+    path = shared_traces_dir()
+    if not (path / "mixtral-8x7b_humaneval_decode.npz").exists():
+        pytest.skip(f"shared traces not found at {path}")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
