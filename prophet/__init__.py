@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prophet.config import CacheConfig, PrefetchConfig, ProphetConfig
 from prophet.errors import ProphetError, UnsupportedModelError
+from prophet.wrap import stats, unwrap, wrap
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,7 @@ __all__ = [
     "ProphetConfig",
     "ProphetError",
     "UnsupportedModelError",
+    "stats",
+    "unwrap",
+    "wrap",
 ]

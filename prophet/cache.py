@@ -1,0 +1,237 @@
+"""GPU expert cache: fixed pools of device slots, an expert->slot map, eviction, pinning and statistics.
+
+The cache knows nothing of predictors or models. `acquire` dedups a step's experts, loads the misses, pins
+every slot the step uses and returns slot ids, so kernels never see expert ids. A pinned slot, or one whose
+copy is still in flight, is never chosen for eviction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prophet.errors import CapacityError
+from prophet.policies import EvictionPolicy, Key
+from prophet.store import HostStore, slab_views
+from prophet.transfer import CopyEngine, Load
+
+
+@dataclass
+class LayerStats:
+    """Counters of one MoE layer; all plain numbers so they serialize and sum."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0  # hits on a slot that a prefetch filled and no step had used yet
+    prefetches: int = 0  # prefetch copies issued
+    wasted_prefetches: int = 0  # prefetched slots evicted before any step used them
+    evictions: int = 0
+    bytes_h2d: int = 0
+    waves: int = 0  # extra passes needed because a step wanted more experts than the pool holds
+
+    def add(self, other: LayerStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass
+class _Slot:
+    key: Key | None = None
+    pins: int = 0
+    load: Load | None = None  # copy in flight (None once known complete)
+    prefetched: bool = False  # filled by a prefetch and not used since
+    born: int = 0  # cache step at which the slot was filled
+
+
+class SlotPool:
+    """``num_slots`` device slots of one expert slab each, ``data [S, numel]``, with its own policy."""
+
+    def __init__(self, num_slots: int, store: HostStore, device: torch.device, policy: EvictionPolicy) -> None:
+        self.data = torch.zeros((num_slots, store.fmt.numel), dtype=store.dtype, device=device)
+        self.views = slab_views(self.data, store.fmt)  # name -> [S, ...] strided views for the kernels
+        self.slots = [_Slot() for _ in range(num_slots)]
+        self.slot_of: dict[Key, int] = {}
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.policy = policy
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+
+class ExpertCache:
+    """Maps ``(layer, expert)`` to device slots, one shared pool or one pool per layer.
+
+    ``slots_per_layer`` set: layer ``l`` uses ``pools[l]``; else every layer shares ``pools[0]``.
+    """
+
+    def __init__(
+        self,
+        store: HostStore,
+        device: torch.device,
+        engine: CopyEngine,
+        policy: Callable[[], EvictionPolicy],
+        cache_slots: int | None = None,
+        slots_per_layer: int | None = None,
+    ) -> None:
+        if (cache_slots is None) == (slots_per_layer is None):
+            raise CapacityError("give exactly one of cache_slots (shared pool) or slots_per_layer (pool per layer)")
+        count = cache_slots if cache_slots is not None else slots_per_layer
+        if count is None or count < 1:
+            raise CapacityError(f"an expert cache of {count} slots cannot run any expert: use at least 1 slot")
+        self.store = store
+        self.device = device
+        self.engine = engine
+        self.shared = slots_per_layer is None
+        npools = 1 if self.shared else store.num_layers
+        self.pools = [SlotPool(count, store, device, policy()) for _ in range(npools)]
+        self.stats = [LayerStats() for _ in range(store.num_layers)]
+        self._loads: list[Load] = []  # copies not yet known complete
+        self.step = 0  # acquire calls so far; a prefetch younger than one token's layers is kept from prefetches
+
+    # ---- geometry -------------------------------------------------------------------------------------
+    def pool(self, layer: int) -> SlotPool:
+        return self.pools[0] if self.shared else self.pools[layer]
+
+    def capacity(self, layer: int) -> int:
+        """Most distinct experts one step of ``layer`` can hold at once."""
+        return self.pool(layer).num_slots
+
+    @property
+    def num_slots(self) -> int:
+        return sum(p.num_slots for p in self.pools)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.data.numel() * p.data.element_size() for p in self.pools)
+
+    def views(self, layer: int) -> dict[str, torch.Tensor]:
+        """Slot-indexed weight views of ``layer``'s pool (``w1 [S,N1,H]``, ``w2 [S,H,I]``, ...)."""
+        return self.pool(layer).views
+
+    def resident(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self.pool(layer).slot_of
+
+    # ---- the step's contract -----------------------------------------------------------------------------
+    def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """Slots holding ``experts`` (distinct ids) of ``layer``, loading misses; all are pinned until `release`.
+
+        The compute stream is made to wait for every copy these slots still have in flight.
+        """
+        pool = self.pool(layer)
+        if len(experts) > pool.num_slots:
+            raise CapacityError(
+                f"layer {layer} needs {len(experts)} experts at once but its pool has {pool.num_slots} slots; "
+                "split the step into waves or raise cache_slots/slots_per_layer"
+            )
+        self.step += 1
+        stats = self.stats[layer]
+        slots: list[int] = []
+        for e in experts:
+            key = (layer, e)
+            s = pool.slot_of.get(key)
+            if s is None:
+                stats.misses += 1
+                s = self._load(pool, key, prefetch=False)
+            else:
+                stats.hits += 1
+                slot = pool.slots[s]
+                if slot.prefetched:
+                    stats.prefetch_hits += 1
+                    slot.prefetched = False
+            pool.slots[s].pins += 1
+            pool.policy.touch(key)
+            slots.append(s)
+        for s in slots:
+            slot = pool.slots[s]
+            if slot.load is not None:
+                self.engine.wait(slot.load)
+                if self.engine.done(slot.load):
+                    slot.load = None
+        return slots
+
+    def release(self, layer: int, slots: Sequence[int]) -> None:
+        """Unpin ``slots`` once the compute that reads them has been issued."""
+        pool = self.pool(layer)
+        for s in slots:
+            pool.slots[s].pins -= 1
+            self.engine.released(s)
+
+    def prefetch(self, layer: int, expert: int) -> bool:
+        """Start loading ``expert`` of ``layer`` into an evictable slot; False if resident or nothing evictable."""
+        pool = self.pool(layer)
+        key = (layer, expert)
+        if key in pool.slot_of:
+            return False
+        if not pool.free and not self._evictable(pool, include_loading=False, for_prefetch=True):
+            return False
+        self._load(pool, key, prefetch=True)
+        self.stats[layer].prefetches += 1
+        return True
+
+    def inflight(self) -> int:
+        """Copies not yet known complete, over all pools."""
+        self._loads = [load for load in self._loads if not self.engine.done(load)]
+        return len(self._loads)
+
+    # ---- internals -----------------------------------------------------------------------------------------
+    def _evictable(self, pool: SlotPool, include_loading: bool, for_prefetch: bool = False) -> list[Key]:
+        """Keys whose slots may be reused. A prefetch never evicts another prefetch that is still fresh
+        (younger than one pass over all layers), so a lower-scored request cannot undo a higher-scored one."""
+        out = []
+        fresh = self.step - self.store.num_layers
+        for slot in pool.slots:
+            if slot.key is None or slot.pins:
+                continue
+            if for_prefetch and slot.prefetched and slot.born > fresh:
+                continue
+            if slot.load is not None and not include_loading and not self.engine.done(slot.load):
+                continue
+            out.append(slot.key)
+        return out
+
+    def _take_slot(self, pool: SlotPool, for_prefetch: bool) -> int:
+        if pool.free:
+            return pool.free.pop()
+        candidates = self._evictable(pool, False, for_prefetch) or self._evictable(pool, True, for_prefetch)
+        if not candidates:
+            raise CapacityError(
+                f"all {pool.num_slots} slots are pinned by the current step; raise cache_slots/slots_per_layer"
+            )
+        victim = pool.policy.victim(candidates)
+        s = pool.slot_of.pop(victim)
+        slot = pool.slots[s]
+        if slot.load is not None:
+            self.engine.finish(slot.load)
+        vstats = self.stats[victim[0]]
+        vstats.evictions += 1
+        if slot.prefetched:
+            vstats.wasted_prefetches += 1
+        pool.policy.remove(victim)
+        pool.slots[s] = _Slot()
+        return s
+
+    def _load(self, pool: SlotPool, key: Key, prefetch: bool) -> int:
+        s = self._take_slot(pool, for_prefetch=prefetch)
+        src = self.store.slab(*key)
+        load = self.engine.copy(pool.data[s], src, s)
+        pool.slots[s] = _Slot(key=key, load=None if self.engine.done(load) else load, prefetched=prefetch, born=self.step)
+        if pool.slots[s].load is not None:
+            self._loads.append(load)
+        pool.slot_of[key] = s
+        pool.policy.insert(key)
+        self.stats[key[0]].bytes_h2d += load.nbytes
+        return s
+
+    def total_stats(self) -> LayerStats:
+        total = LayerStats()
+        for s in self.stats:
+            total.add(s)
+        return total

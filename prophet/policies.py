@@ -1,0 +1,143 @@
+"""Eviction policies for the expert cache.
+
+A policy only ranks keys; the cache decides what may be evicted (pinned and in-flight slots never are). Keys
+are ``(layer, expert)`` tuples. `victim` receives the evictable keys and returns the one to drop.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from prophet.errors import ConfigError
+
+Key = tuple[int, int]  # (moe layer index, expert id)
+
+
+class EvictionPolicy:
+    """Interface every policy implements; the cache calls these as keys enter, are used and leave."""
+
+    name = "base"
+
+    def insert(self, key: Key) -> None:
+        """``key`` was loaded into a slot (demand load or prefetch)."""
+
+    def touch(self, key: Key) -> None:
+        """``key`` was used by a step."""
+
+    def remove(self, key: Key) -> None:
+        """``key`` left the cache."""
+
+    def victim(self, candidates: Sequence[Key]) -> Key:
+        """Which of ``candidates`` (non-empty, all resident and evictable) to evict."""
+        raise NotImplementedError
+
+
+class LRU(EvictionPolicy):
+    """Least recently used: a load counts as a use, so fresh prefetches are not evicted first."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def insert(self, key: Key) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def touch(self, key: Key) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self._order.pop(key, None)
+
+    def victim(self, candidates: Sequence[Key]) -> Key:
+        if len(candidates) == 1:
+            return candidates[0]
+        allowed = set(candidates)
+        for key in self._order:  # oldest first
+            if key in allowed:
+                return key
+        return candidates[0]
+
+
+class FIFO(LRU):
+    """First in, first out: uses do not refresh a key."""
+
+    name = "fifo"
+
+    def touch(self, key: Key) -> None:
+        if key not in self._order:
+            self._order[key] = None
+
+
+class LFU(EvictionPolicy):
+    """Least frequently used, counting uses over the whole run (ties broken by least recent use).
+
+    Counts survive eviction: an expert that was popular before is likely popular again, which is what makes
+    frequency beat recency on router traces.
+    """
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        self._count: dict[Key, int] = {}
+        self._last: dict[Key, int] = {}
+        self._clock = itertools.count()
+
+    def insert(self, key: Key) -> None:
+        self._last[key] = next(self._clock)
+
+    def touch(self, key: Key) -> None:
+        self._count[key] = self._count.get(key, 0) + 1
+        self._last[key] = next(self._clock)
+
+    def victim(self, candidates: Sequence[Key]) -> Key:
+        return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, -1)))
+
+
+class ScoredPolicy(EvictionPolicy):
+    """Evicts the key a scoring function rates lowest; ties fall back to a base policy's order.
+
+    The prediction-aware policy (a predictor's probability that a key is needed soon) and Belady (the
+    negated distance to next use, from a known future) are both this with a different ``score``.
+    """
+
+    name = "scored"
+
+    def __init__(self, score: Callable[[Key], float], base: EvictionPolicy | None = None) -> None:
+        self.score = score
+        self.base = base or LRU()
+
+    def insert(self, key: Key) -> None:
+        self.base.insert(key)
+
+    def touch(self, key: Key) -> None:
+        self.base.touch(key)
+
+    def remove(self, key: Key) -> None:
+        self.base.remove(key)
+
+    def victim(self, candidates: Sequence[Key]) -> Key:
+        scores = [self.score(k) for k in candidates]
+        low = min(scores)
+        tied = [k for k, s in zip(candidates, scores, strict=True) if s == low]
+        return tied[0] if len(tied) == 1 else self.base.victim(tied)
+
+
+POLICY_FACTORIES: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "fifo": FIFO}
+
+
+def make_policy(name: str | EvictionPolicy) -> EvictionPolicy:
+    """A fresh policy from its name, or ``name`` itself when it already is a policy object."""
+    if isinstance(name, EvictionPolicy):
+        return name
+    try:
+        return POLICY_FACTORIES[name]()
+    except KeyError:
+        raise ConfigError(
+            f"policy={name!r} is not known here: use one of {', '.join(sorted(POLICY_FACTORIES))} "
+            "or pass an EvictionPolicy object"
+        ) from None

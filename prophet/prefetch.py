@@ -1,0 +1,67 @@
+"""Turns predictions into prefetch copies, in score order, without ever stalling the compute stream.
+
+The prefetcher keeps a queue of requested ``(layer, expert)`` loads. `submit` adds a step's predictions,
+`advance(layer)` drops requests for layers the model has already passed (stale) and issues copies while fewer
+than ``max_inflight`` are in flight and the cache has an evictable slot. The cache's copy engine decides what a
+copy means: a side-stream copy on CUDA, a synchronous one on CPU, modelled time in the replay simulator.
+"""
+
+from __future__ import annotations
+
+from prophet.cache import ExpertCache
+from prophet.config import PrefetchConfig
+from prophet.predict.base import Prediction
+
+
+class Prefetcher:
+    """Score-ordered prefetch queue over an `ExpertCache`."""
+
+    def __init__(self, cache: ExpertCache, config: PrefetchConfig | None = None) -> None:
+        self.cache = cache
+        self.config = config or PrefetchConfig()
+        self._queue: list[Prediction] = []
+        self._last_layer = -1
+        self.num_layers = cache.store.num_layers
+        self.dropped_stale = 0
+
+    def submit(self, predictions: list[Prediction], current_layer: int) -> None:
+        """Queue ``predictions`` (keeping the best score per key) and issue what fits now."""
+        if not self.config.enabled:
+            return
+        best: dict[tuple[int, int], Prediction] = {(p.layer, p.expert): p for p in self._queue}
+        for p in predictions:
+            if p.score < self.config.min_score:
+                continue
+            key = (p.layer, p.expert)
+            if key not in best or best[key].score < p.score:
+                best[key] = p
+        self._queue = sorted(best.values(), key=lambda p: -p.score)
+        self.advance(current_layer)
+
+    def advance(self, current_layer: int) -> int:
+        """Drop requests for layers at or before ``current_layer``; issue queued copies. Returns copies issued.
+
+        A ``current_layer`` below the last one seen means a new token began: next-token requests
+        (``layer >= num_layers``) become this token's.
+        """
+        if current_layer < self._last_layer:
+            self._queue = [p._replace(layer=p.layer - self.num_layers) for p in self._queue]
+        self._last_layer = current_layer
+        fresh = [p for p in self._queue if p.layer > current_layer]
+        self.dropped_stale += len(self._queue) - len(fresh)
+        self._queue = fresh
+        issued = 0
+        while self._queue and self.cache.inflight() < self.config.max_inflight:
+            p = self._queue.pop(0)
+            layer = p.layer % self.num_layers
+            if self.cache.resident(layer, p.expert):
+                continue
+            if not self.cache.prefetch(layer, p.expert):
+                self._queue.insert(0, p)  # no evictable slot now; retry at the next layer
+                break
+            issued += 1
+        return issued
+
+    def clear(self) -> None:
+        """Forget queued requests (end of a generation)."""
+        self._queue.clear()

@@ -1,0 +1,82 @@
+"""Host expert store: every expert of every MoE layer as one contiguous slab in (pinned) host memory.
+
+One slab per expert means one host->device copy per expert load, the cheapest way over PCIe. All slabs live in
+one tensor ``data [L, E, numel]``; a slab's tensors follow `ExpertFormat.shapes` in order (w1, w2[, b1, b2]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from prophet.errors import ConfigError
+from prophet.models.adapter import ExpertFormat, MoELayer
+
+
+def slab_views(slab: torch.Tensor, fmt: ExpertFormat) -> dict[str, torch.Tensor]:
+    """Named tensor views into ``slab`` (``[..., numel]``); leading dims (slots) are kept."""
+    lead = slab.shape[:-1]
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, shape in fmt.shapes.items():
+        n = math.prod(shape)
+        out[name] = slab[..., offset : offset + n].unflatten(-1, shape) if lead else slab[offset : offset + n].view(shape)
+        offset += n
+    return out
+
+
+class HostStore:
+    """All experts of a model in host memory, ``data [L, E, numel]``, pinned when CUDA is present."""
+
+    def __init__(self, num_layers: int, num_experts: int, fmt: ExpertFormat, dtype: torch.dtype, pin: bool) -> None:
+        self.fmt = fmt
+        self.dtype = dtype
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.pinned = pin
+        self.data = torch.empty((num_layers, num_experts, fmt.numel), dtype=dtype, pin_memory=pin)
+
+    @property
+    def slab_bytes(self) -> int:
+        return self.fmt.numel * self.data.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def slab(self, layer: int, expert: int) -> torch.Tensor:
+        """``[numel]`` view of one expert's slab."""
+        return self.data[layer, expert]
+
+    def write(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy one expert's canonical tensors into its slab."""
+        views = slab_views(self.slab(layer, expert), self.fmt)
+        for name, view in views.items():
+            src = tensors[name]
+            if tuple(src.shape) != tuple(view.shape):
+                raise ConfigError(f"expert {expert} of layer {layer}: {name} has shape {tuple(src.shape)}, expected {tuple(view.shape)}")
+            view.copy_(src)
+
+    def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        return slab_views(self.slab(layer, expert), self.fmt)
+
+    @classmethod
+    def from_layers(cls, layers: Sequence[MoELayer], pin: bool) -> HostStore:
+        """Copy the experts of ``layers`` out of their modules (one expert at a time, no second full copy)."""
+        fmt = layers[0].fmt
+        num_experts = layers[0].num_experts
+        for layer in layers:
+            if layer.fmt != fmt or layer.num_experts != num_experts:
+                raise ConfigError(
+                    f"{layer.name}: experts differ from the first MoE layer ({layer.fmt}, {layer.num_experts} experts "
+                    f"vs {fmt}, {num_experts}); Prophet needs every MoE layer to have the same expert shape"
+                )
+        dtype = layers[0].expert_parameters()[0].dtype
+        store = cls(len(layers), num_experts, fmt, dtype, pin)
+        with torch.no_grad():
+            for li, layer in enumerate(layers):
+                for e in range(num_experts):
+                    store.write(li, e, layer.get_expert(e))
+        return store

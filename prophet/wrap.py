@@ -1,0 +1,156 @@
+"""`wrap` / `unwrap` / `stats`: put a transformers MoE model's experts behind Prophet's cache, and take them back.
+
+`wrap` copies every expert into the host store, frees the experts' own parameters, swaps each experts module
+for an `OffloadedExperts` through the adapter table, and moves the rest of the model to ``device``. `unwrap`
+writes the store back into the original modules (bit-identical) and swaps them back in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from prophet.cache import ExpertCache
+from prophet.config import CacheConfig, ProphetConfig
+from prophet.errors import (
+    AlreadyWrappedError,
+    CapacityError,
+    ConfigError,
+    DeviceError,
+    DtypeError,
+    ProphetError,
+)
+from prophet.layer import OffloadedExperts
+from prophet.models.adapter import Adapter, moe_layers
+from prophet.policies import EvictionPolicy, make_policy
+from prophet.predict.base import Predictor
+from prophet.prefetch import Prefetcher
+from prophet.runtime import Runtime, RuntimeStats
+from prophet.store import HostStore
+from prophet.transfer import CudaCopyEngine, SyncCopyEngine
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ATTR = "_prophet_runtime"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means the current CUDA device when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"device={device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device={device!r} but CUDA is not available here; use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise DeviceError(f"device={device!r}: Prophet runs on 'cpu' or 'cuda' devices")
+    return dev
+
+
+def _cache_config(config: ProphetConfig | None, policy: str, **options: Any) -> ProphetConfig:
+    given = {k: v for k, v in options.items() if v is not None}
+    if config is not None:
+        if given:
+            raise ConfigError(f"pass either config= or {sorted(given)}, not both")
+        return config
+    return ProphetConfig(cache=CacheConfig(policy=policy, **given))
+
+
+def wrap(
+    model: nn.Module,
+    *,
+    device: str | torch.device | None = None,
+    cache_slots: int | None = None,
+    slots_per_layer: int | None = None,
+    cache_bytes: int | None = None,
+    policy: str | Callable[[], EvictionPolicy] = "lru",
+    predictor: Predictor | None = None,
+    config: ProphetConfig | None = None,
+    adapter: Adapter | None = None,
+) -> nn.Module:
+    """Offload ``model``'s experts to host memory behind a device slot cache; returns the same model object.
+
+    Give at most one of ``cache_slots`` (one pool shared by all MoE layers), ``slots_per_layer`` (a pool per
+    layer) or ``cache_bytes`` (a shared pool sized from bytes). With none, every expert gets a slot.
+    """
+    if hasattr(model, _ATTR):
+        raise AlreadyWrappedError("this model is already wrapped by Prophet; call prophet.unwrap(model) first")
+    dev = resolve_device(device)
+    cfg = _cache_config(
+        config, policy if isinstance(policy, str) else "lru",
+        cache_slots=cache_slots, slots_per_layer=slots_per_layer, cache_bytes=cache_bytes,
+    )
+    policy_factory = policy if callable(policy) else (lambda: make_policy(cfg.cache.policy))
+    layers = moe_layers(model, adapter)
+    params = [p for layer in layers for p in layer.expert_parameters()]
+    dtype = params[0].dtype
+    if dtype not in SUPPORTED_DTYPES or any(p.dtype != dtype for p in params):
+        found = sorted({str(p.dtype) for p in params})
+        raise DtypeError(f"expert weights are {found}; Prophet's kernels run float32, float16 or bfloat16: convert with model.to(torch.bfloat16)")
+    if any(p.is_meta for p in params):
+        raise ConfigError("expert weights are on the meta device (no data); load real weights or use prophet.load(checkpoint_dir)")
+
+    pin = dev.type == "cuda" and cfg.pin_memory
+    store = HostStore.from_layers(layers, pin=pin)
+    cache_cfg = cfg.cache
+    cache_slots, slots_per_layer = cache_cfg.cache_slots, cache_cfg.slots_per_layer
+    if cache_cfg.cache_bytes is not None:
+        cache_slots = cache_cfg.cache_bytes // store.slab_bytes
+        if cache_slots < 1:
+            raise CapacityError(
+                f"cache_bytes={cache_cfg.cache_bytes} is smaller than one expert ({store.slab_bytes} bytes); "
+                f"give at least {store.slab_bytes}"
+            )
+    if cache_slots is None and slots_per_layer is None:
+        slots_per_layer = store.num_experts
+    if cache_slots is not None:
+        cache_slots = min(cache_slots, store.num_layers * store.num_experts)
+    if slots_per_layer is not None:
+        slots_per_layer = min(slots_per_layer, store.num_experts)
+
+    engine = CudaCopyEngine(dev) if dev.type == "cuda" else SyncCopyEngine()
+    cache = ExpertCache(store, dev, engine, policy_factory, cache_slots=cache_slots, slots_per_layer=slots_per_layer)
+    runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
+    for layer in layers:
+        runtime.expert_shapes.append({name: p.shape for name, p in layer.experts.named_parameters()})
+        for p in layer.experts.parameters():
+            p.data = torch.empty(0, dtype=p.dtype)  # the store holds the only copy now
+        setattr(layer.parent, layer.attr, OffloadedExperts(layer, runtime))
+    model.to(dev)
+    setattr(model, _ATTR, runtime)
+    return model
+
+
+def runtime_of(model: nn.Module) -> Runtime:
+    runtime = getattr(model, _ATTR, None)
+    if runtime is None:
+        raise ProphetError("this model is not wrapped by Prophet; call prophet.wrap(model) first")
+    return runtime
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Undo `wrap`: the original experts modules come back, with bit-identical parameters, on the model's device."""
+    runtime = runtime_of(model)
+    with torch.no_grad():
+        for li, (layer, shapes) in enumerate(zip(runtime.layers, runtime.expert_shapes, strict=True)):
+            for name, p in layer.experts.named_parameters():
+                p.data = torch.empty(shapes[name], dtype=p.dtype, device=runtime.device)
+            for e in range(layer.num_experts):
+                layer.set_expert(e, runtime.store.read(li, e))
+            setattr(layer.parent, layer.attr, layer.experts)
+    delattr(model, _ATTR)
+    return model
+
+
+def stats(model: nn.Module) -> RuntimeStats:
+    """Hits, misses, prefetch use, bytes moved and stall time of a wrapped model, per MoE layer and in total."""
+    return runtime_of(model).stats()

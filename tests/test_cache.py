@@ -1,0 +1,104 @@
+"""The slot cache on CPU with synchronous copies: mapping, eviction, pinning, prefetch accounting."""
+
+import pytest
+import torch
+
+from prophet.cache import ExpertCache
+from prophet.errors import CapacityError
+from prophet.models.adapter import ExpertFormat
+from prophet.policies import LRU
+from prophet.predict.base import Prediction
+from prophet.prefetch import Prefetcher
+from prophet.store import HostStore, slab_views
+from prophet.transfer import SyncCopyEngine
+
+FMT = ExpertFormat(hidden_size=4, intermediate_size=3)
+
+
+def make_store(layers=2, experts=5):
+    store = HostStore(layers, experts, FMT, torch.float32, pin=False)
+    store.data.copy_(torch.randn(store.data.shape))
+    return store
+
+
+def make_cache(store, **kw):
+    return ExpertCache(store, torch.device("cpu"), SyncCopyEngine(), LRU, **kw)
+
+
+def test_slab_views_cover_the_slab_in_order():
+    slab = torch.arange(FMT.numel, dtype=torch.float32)
+    views = slab_views(slab, FMT)
+    assert views["w1"].shape == (6, 4) and views["w2"].shape == (4, 3)
+    assert torch.equal(torch.cat([v.flatten() for v in views.values()]), slab)
+
+
+def test_acquire_loads_misses_and_slots_hold_the_right_expert():
+    store = make_store()
+    cache = make_cache(store, slots_per_layer=3)
+    slots = cache.acquire(1, [0, 4])
+    cache.release(1, slots)
+    for e, s in zip([0, 4], slots, strict=True):
+        assert torch.equal(cache.pool(1).data[s], store.slab(1, e))
+    assert cache.stats[1].misses == 2 and cache.stats[1].hits == 0
+    assert cache.stats[1].bytes_h2d == 2 * store.slab_bytes
+    again = cache.acquire(1, [4])
+    assert again == [slots[1]] and cache.stats[1].hits == 1
+
+
+def test_lru_eviction_in_a_shared_pool():
+    store = make_store()
+    cache = make_cache(store, cache_slots=2)
+    for layer, e in [(0, 0), (1, 1), (0, 0), (0, 2)]:  # (1,1) is least recent when (0,2) arrives
+        cache.release(layer, cache.acquire(layer, [e]))
+    assert cache.resident(0, 0) and cache.resident(0, 2) and not cache.resident(1, 1)
+    assert cache.stats[1].evictions == 1
+
+
+def test_pinned_slots_are_never_evicted():
+    store = make_store()
+    cache = make_cache(store, slots_per_layer=2)
+    held = cache.acquire(0, [0, 1])  # both slots pinned by the current step
+    with pytest.raises(CapacityError, match="pinned"):
+        cache.acquire(0, [2])
+    cache.release(0, held)
+    cache.release(0, cache.acquire(0, [2]))
+
+
+def test_a_step_larger_than_the_pool_is_refused_with_the_setting_to_change():
+    cache = make_cache(make_store(), slots_per_layer=2)
+    with pytest.raises(CapacityError, match="slots_per_layer"):
+        cache.acquire(0, [0, 1, 2])
+
+
+def test_prefetch_hits_and_wasted_prefetches_are_counted():
+    store = make_store()
+    cache = make_cache(store, slots_per_layer=2)
+    assert cache.prefetch(1, 3) and cache.prefetch(1, 4)
+    assert not cache.prefetch(1, 3)  # already resident
+    cache.release(1, cache.acquire(1, [3]))
+    assert cache.stats[1].prefetch_hits == 1 and cache.stats[1].hits == 1
+    cache.release(1, cache.acquire(1, [0]))  # evicts the unused prefetch of expert 4 (LRU among evictable)
+    assert cache.stats[1].wasted_prefetches == 1
+
+
+def test_zero_slots_is_an_error():
+    with pytest.raises(CapacityError, match="at least 1"):
+        make_cache(make_store(), cache_slots=0)
+
+
+def test_prefetcher_issues_in_score_order_and_drops_stale_requests():
+    store = make_store(layers=3, experts=5)
+    cache = make_cache(store, slots_per_layer=1)
+    pf = Prefetcher(cache)
+    # layer 0 is running: a request for layer 0 is stale, layer 2 gets its best-scored expert
+    pf.submit([Prediction(0, 1, 0.9), Prediction(2, 3, 0.2), Prediction(2, 4, 0.8)], current_layer=0)
+    assert cache.resident(2, 4) and not cache.resident(0, 1)
+    assert pf.dropped_stale == 1
+
+
+def test_next_token_predictions_wrap_to_the_first_layers():
+    store = make_store(layers=2, experts=5)
+    cache = make_cache(store, slots_per_layer=2)
+    pf = Prefetcher(cache)
+    pf.submit([Prediction(2, 3, 0.9)], current_layer=1)  # layer 2 = layer 0 of the next token
+    assert cache.resident(0, 3)
