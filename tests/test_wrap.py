@@ -1,0 +1,191 @@
+"""`prophet.wrap` keeps a model's outputs exact, at any cache size, and `unwrap` restores it bit for bit."""
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+
+import prophet
+from prophet.errors import (
+    AlreadyWrappedError,
+    CapacityError,
+    ConfigError,
+    DeviceError,
+    DtypeError,
+    ProphetError,
+)
+from prophet.wrap import runtime_of
+
+
+def tiny_mixtral(seed: int = 0, experts: int = 4, layers: int = 2) -> MixtralForCausalLM:
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2,
+    )
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("cache", [{}, {"slots_per_layer": 2}, {"slots_per_layer": 1}, {"cache_slots": 3}])
+def test_wrapped_logits_equal_unwrapped(cache):
+    model = tiny_mixtral()
+    ids = torch.randint(0, 96, (3, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+        prophet.wrap(model, device="cpu", **cache)
+        out = model(ids).logits
+    assert rel_diff(out, ref) <= 1e-5
+
+
+def test_waves_are_counted_when_a_step_needs_more_experts_than_slots():
+    model = prophet.wrap(tiny_mixtral(), device="cpu", slots_per_layer=1)
+    with torch.no_grad():
+        model(torch.randint(0, 96, (2, 8)))
+    assert prophet.stats(model).total.waves > 0
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_generation_is_identical(batch):
+    model = tiny_mixtral(seed=1)
+    ids = torch.randint(0, 96, (batch, 5))
+    kwargs = dict(max_new_tokens=32, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kwargs)
+    prophet.wrap(model, device="cpu", slots_per_layer=1)
+    assert torch.equal(model.generate(ids, **kwargs), ref)
+
+
+def test_unwrap_restores_parameters_bit_for_bit():
+    model = tiny_mixtral()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 96, (2, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    prophet.wrap(model, device="cpu", cache_slots=2)
+    assert not any("experts" in k for k in model.state_dict())  # experts left the model
+    prophet.unwrap(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_stats_count_every_lookup():
+    model = prophet.wrap(tiny_mixtral(), device="cpu", slots_per_layer=4)
+    with torch.no_grad():
+        model(torch.randint(0, 96, (1, 1)))
+        model(torch.randint(0, 96, (1, 1)))
+    st = prophet.stats(model)
+    lookups = st.total.hits + st.total.misses
+    assert 2 * 2 * 1 <= lookups <= 2 * 2 * 2  # 2 steps x 2 layers x (1 or 2 distinct experts)
+    assert "hit rate" in st.table()
+    assert st.to_dict()["total"]["bytes_h2d"] == st.total.misses * st.slot_bytes
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_dense_model_is_refused():
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(prophet.UnsupportedModelError, match="mixtral"):
+        prophet.wrap(MistralForCausalLM(cfg), device="cpu")
+
+
+def test_wrapping_twice_is_refused():
+    model = prophet.wrap(tiny_mixtral(), device="cpu")
+    with pytest.raises(AlreadyWrappedError, match="unwrap"):
+        prophet.wrap(model, device="cpu")
+
+
+def test_unwrapping_an_unwrapped_model_is_refused():
+    with pytest.raises(ProphetError, match="not wrapped"):
+        prophet.unwrap(tiny_mixtral())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"cache_slots": 0}, ConfigError, "cache_slots=0"),
+        ({"cache_slots": 2, "slots_per_layer": 2}, ConfigError, "only one of"),
+        ({"cache_bytes": 10}, CapacityError, "smaller than one expert"),
+        ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "cuda:99"}, DeviceError, "device="),
+        ({"device": "tpu"}, DeviceError, "device="),
+    ],
+)
+def test_bad_options_say_what_to_change(kwargs, error, words):
+    model = tiny_mixtral()
+    with pytest.raises(error, match=words):
+        prophet.wrap(model, **({"device": "cpu"} | kwargs))
+    assert not hasattr(model, "_prophet_runtime")  # a refused wrap leaves the model as it was
+
+
+def test_unsupported_dtype_is_refused():
+    with pytest.raises(DtypeError, match="bfloat16"):
+        prophet.wrap(tiny_mixtral().double(), device="cpu")
+
+
+# ---- CUDA: the same contract with side-stream copies and pinned host memory --------------------------------
+
+
+class _NextLayerOracle:
+    """Predicts exactly the experts a recorded run used next (to check prefetch plumbing on the GPU)."""
+
+    def __init__(self, future: list[list[int]], layers: int) -> None:
+        self.future, self.layers, self.step = future, layers, 0
+
+    def observe(self, layer, expert_ids, weights, hidden=None):
+        self.step += 1
+
+    def predict(self):
+        from prophet.predict.base import Prediction
+
+        if self.step >= len(self.future):
+            return []
+        layer = self.step % self.layers
+        target = layer if layer > (self.step - 1) % self.layers else layer + self.layers
+        return [Prediction(target, e, 1.0) for e in self.future[self.step]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cuda_wrapped_logits_match(dtype, tol):
+    model = tiny_mixtral().to(dtype)
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        ref = model.to("cuda")(ids.cuda()).logits.float()
+        model.to("cpu")
+        prophet.wrap(model, device="cuda", slots_per_layer=1)
+        out = model(ids.cuda()).logits.float()
+    assert rel_diff(out, ref) <= tol
+    assert runtime_of(model).store.pinned
+
+
+@pytest.mark.gpu
+def test_cuda_prefetch_turns_misses_into_hits():
+    model = tiny_mixtral(experts=8, layers=2)
+    ids = torch.randint(0, 96, (1, 1))
+    routes: list[list[int]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: routes.append(sorted(set(args[1].flatten().tolist()))))
+        for m in (model.model.layers[0].mlp.experts, model.model.layers[1].mlp.experts)
+    ]
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for h in hooks:
+        h.remove()
+    plain = prophet.wrap(tiny_mixtral(experts=8, layers=2), device="cuda", slots_per_layer=3)
+    oracle = prophet.wrap(model, device="cuda", slots_per_layer=3, predictor=_NextLayerOracle(routes, 2))
+    with torch.no_grad():
+        out = oracle.generate(ids.cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        plain.generate(ids.cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(out.cpu(), ref)
+    assert prophet.stats(oracle).total.prefetch_hits > 0
+    assert prophet.stats(oracle).total.misses < prophet.stats(plain).total.misses
