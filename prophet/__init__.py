@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prophet.config import CacheConfig, PrefetchConfig, ProphetConfig
 from prophet.errors import ProphetError, UnsupportedModelError
+from prophet.load import load
 from prophet.wrap import stats, unwrap, wrap
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "ProphetConfig",
     "ProphetError",
     "UnsupportedModelError",
+    "load",
     "stats",
     "unwrap",
     "wrap",

@@ -1,7 +1,9 @@
 """Host expert store: every expert of every MoE layer as one contiguous slab in (pinned) host memory.
 
-One slab per expert means one host->device copy per expert load, the cheapest way over PCIe. All slabs live in
-one tensor ``data [L, E, numel]``; a slab's tensors follow `ExpertFormat.shapes` in order (w1, w2[, b1, b2]).
+One slab per expert means one host->device copy per expert load, the cheapest way over PCIe. Each MoE layer's
+slabs live in one tensor ``layers[l] [E, numel]`` (one pinned allocation per layer: smaller allocations pin
+reliably, and a layer can be filled and its source freed before the next one is allocated, so loading never
+holds two full copies of the experts). A slab's tensors follow `ExpertFormat.shapes` in order (w1, w2[, b1, b2]).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def slab_views(slab: torch.Tensor, fmt: ExpertFormat) -> dict[str, torch.Tensor]
 
 
 class HostStore:
-    """All experts of a model in host memory, ``data [L, E, numel]``, pinned when CUDA is present."""
+    """All experts of a model in host memory, ``layers[l] [E, numel]``, pinned when CUDA is present.
+
+    Layers are allocated on first write (or by `allocate`), so a loader can fill them one at a time.
+    """
 
     def __init__(self, num_layers: int, num_experts: int, fmt: ExpertFormat, dtype: torch.dtype, pin: bool) -> None:
         self.fmt = fmt
@@ -36,19 +41,27 @@ class HostStore:
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.pinned = pin
-        self.data = torch.empty((num_layers, num_experts, fmt.numel), dtype=dtype, pin_memory=pin)
+        self.layers: list[torch.Tensor | None] = [None] * num_layers
+
+    def allocate(self, layer: int) -> torch.Tensor:
+        """``[E, numel]`` storage of ``layer``, allocated (pinned if asked) on first use."""
+        data = self.layers[layer]
+        if data is None:
+            data = torch.empty((self.num_experts, self.fmt.numel), dtype=self.dtype, pin_memory=self.pinned)
+            self.layers[layer] = data
+        return data
 
     @property
     def slab_bytes(self) -> int:
-        return self.fmt.numel * self.data.element_size()
+        return self.fmt.nbytes(self.dtype)
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return self.slab_bytes * self.num_experts * self.num_layers
 
     def slab(self, layer: int, expert: int) -> torch.Tensor:
         """``[numel]`` view of one expert's slab."""
-        return self.data[layer, expert]
+        return self.allocate(layer)[expert]
 
     def write(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
         """Copy one expert's canonical tensors into its slab."""
@@ -63,8 +76,12 @@ class HostStore:
         return slab_views(self.slab(layer, expert), self.fmt)
 
     @classmethod
-    def from_layers(cls, layers: Sequence[MoELayer], pin: bool) -> HostStore:
-        """Copy the experts of ``layers`` out of their modules (one expert at a time, no second full copy)."""
+    def from_layers(cls, layers: Sequence[MoELayer], pin: bool, free_source: bool = False) -> HostStore:
+        """Copy the experts of ``layers`` out of their modules, layer by layer.
+
+        With ``free_source`` each layer's expert parameters are emptied as soon as they are copied, so host
+        memory holds at most one layer's experts twice.
+        """
         fmt = layers[0].fmt
         num_experts = layers[0].num_experts
         for layer in layers:
@@ -79,4 +96,7 @@ class HostStore:
             for li, layer in enumerate(layers):
                 for e in range(num_experts):
                     store.write(li, e, layer.get_expert(e))
+                if free_source:
+                    for p in layer.expert_parameters():
+                        p.data = torch.empty(0, dtype=p.dtype)
         return store

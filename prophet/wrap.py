@@ -100,30 +100,32 @@ def wrap(
         raise ConfigError("expert weights are on the meta device (no data); load real weights or use prophet.load(checkpoint_dir)")
 
     pin = dev.type == "cuda" and cfg.pin_memory
-    store = HostStore.from_layers(layers, pin=pin)
+    slab_bytes = layers[0].fmt.nbytes(dtype)
     cache_cfg = cfg.cache
     cache_slots, slots_per_layer = cache_cfg.cache_slots, cache_cfg.slots_per_layer
     if cache_cfg.cache_bytes is not None:
-        cache_slots = cache_cfg.cache_bytes // store.slab_bytes
+        cache_slots = cache_cfg.cache_bytes // slab_bytes
         if cache_slots < 1:
             raise CapacityError(
-                f"cache_bytes={cache_cfg.cache_bytes} is smaller than one expert ({store.slab_bytes} bytes); "
-                f"give at least {store.slab_bytes}"
+                f"cache_bytes={cache_cfg.cache_bytes} is smaller than one expert ({slab_bytes} bytes); "
+                f"give at least {slab_bytes}"
             )
+    num_experts = layers[0].num_experts
     if cache_slots is None and slots_per_layer is None:
-        slots_per_layer = store.num_experts
+        slots_per_layer = num_experts
     if cache_slots is not None:
-        cache_slots = min(cache_slots, store.num_layers * store.num_experts)
+        cache_slots = min(cache_slots, len(layers) * num_experts)
     if slots_per_layer is not None:
-        slots_per_layer = min(slots_per_layer, store.num_experts)
+        slots_per_layer = min(slots_per_layer, num_experts)
+
+    shapes = [{name: p.shape for name, p in layer.experts.named_parameters()} for layer in layers]
+    store = HostStore.from_layers(layers, pin=pin, free_source=True)  # the store holds the only copy now
 
     engine = CudaCopyEngine(dev) if dev.type == "cuda" else SyncCopyEngine()
     cache = ExpertCache(store, dev, engine, policy_factory, cache_slots=cache_slots, slots_per_layer=slots_per_layer)
     runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
+    runtime.expert_shapes = shapes
     for layer in layers:
-        runtime.expert_shapes.append({name: p.shape for name, p in layer.experts.named_parameters()})
-        for p in layer.experts.parameters():
-            p.data = torch.empty(0, dtype=p.dtype)  # the store holds the only copy now
         setattr(layer.parent, layer.attr, OffloadedExperts(layer, runtime))
     model.to(dev)
     setattr(model, _ATTR, runtime)

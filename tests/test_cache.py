@@ -17,7 +17,8 @@ FMT = ExpertFormat(hidden_size=4, intermediate_size=3)
 
 def make_store(layers=2, experts=5):
     store = HostStore(layers, experts, FMT, torch.float32, pin=False)
-    store.data.copy_(torch.randn(store.data.shape))
+    for layer in range(layers):
+        store.allocate(layer).normal_()
     return store
 
 

@@ -76,7 +76,7 @@ def build_runtime(layers: int, slots_per_layer: int, dev: torch.device, kernels:
     slab = torch.randn(MIXTRAL.numel, device=dev, dtype=torch.bfloat16) * 0.02
     for li in range(layers):
         for e in range(8):
-            store.data[li, e].copy_(slab.roll(li * 8 + e))
+            store.slab(li, e).copy_(slab.roll(li * 8 + e))
     cache = ExpertCache(store, dev, CudaCopyEngine(dev), LRU, slots_per_layer=slots_per_layer)
     return Runtime([], store, cache, Prefetcher(cache), None, kernels, dev)
 
