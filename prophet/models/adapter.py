@@ -8,24 +8,62 @@ layout, per expert (the Mixtral layout of transformers v5):
     w2 [H, I]    down projection
     b1 [N1], b2 [H]   biases, only when ``ExpertFormat.has_bias``
 
-and the expert computes ``y = w2 @ act(w1 @ x + b1) + b2`` where ``act`` splits gate and up when gated.
+and the expert computes ``y = w2 @ act(w1 @ x + b1) + b2`` where ``act`` splits gate and up when gated;
+`expert_forward` is that computation in plain PyTorch, the reference every kernel and test is held to.
 Converting to and from a family's own storage is exact (a permutation of elements, never arithmetic), so
-`unwrap` restores bit-identical parameters.
+`unwrap` restores bit-identical parameters. ``ExpertFormat.storage`` names the family's own layout (see
+`STORAGES`); the runtime never reads the family's tensors except through ``get_expert``/``set_expert``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prophet.errors import ConfigError, UnsupportedModelError
+from prophet.models.layouts import canonical_shapes
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss")
+
+# transformers activation names (``config.hidden_act`` and friends) -> ``ExpertFormat.activation``.
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
+
+# How a family stores its experts, i.e. what ``get_expert``/``set_expert`` convert from and to.
+STORAGES = {
+    "fused": "gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I] (Mixtral, Qwen-MoE, "
+    "OLMoE, DeepSeek, Jamba, PhiMoE): canonical as is",
+    "fused_transposed_interleaved": "gate_up_proj [E, H, 2I] with gate/up in alternating columns, "
+    "gate_up_proj_bias [E, 2I] alike, down_proj [E, I, H], down_proj_bias [E, H] (gpt-oss)",
+    "flat_split": "mlp.w1 (gate), mlp.v1 (up), mlp.w2 (down) each [E*I, H] (DBRX)",
+    "modules": "one module per expert holding nn.Linear gate/up/down (or up/down) projections, e.g. Switch "
+    "Transformers' ModuleDict of wi/wo, or custom-code ModuleLists (Grok-1, Arctic, DeepSeek-MoE 16B)",
+}
+
+
+def canonical_activation(name: str) -> str:
+    """``ExpertFormat.activation`` for a transformers activation name; raises naming the supported ones."""
+    if name in ACTIVATIONS:
+        return name
+    if name not in HF_ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"expert activation {name!r} is not supported; supported: {', '.join(sorted(HF_ACTIVATIONS))} "
+            "(pass fmt=ExpertFormat(...) to the adapter if the model's name for one of them differs)"
+        )
+    return HF_ACTIVATIONS[name]
 
 
 @dataclass(frozen=True)
@@ -39,12 +77,17 @@ class ExpertFormat:
     has_bias: bool = False
     swiglu_alpha: float = 1.702  # gpt_oss activation only
     swiglu_limit: float = 7.0  # gpt_oss activation only
+    storage: str = "fused"  # the family's own layout, a key of STORAGES
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation={self.activation!r}: supported are {', '.join(ACTIVATIONS)}")
         if self.hidden_size <= 0 or self.intermediate_size <= 0:
             raise ConfigError(f"expert sizes must be positive (H={self.hidden_size}, I={self.intermediate_size})")
+        if self.activation == "gpt_oss" and not self.glu:
+            raise ConfigError("activation='gpt_oss' is a gated activation: it needs glu=True")
+        if self.storage not in STORAGES:
+            raise ConfigError(f"storage={self.storage!r}: known layouts are {', '.join(STORAGES)}")
 
     @property
     def w1_rows(self) -> int:
@@ -53,12 +96,7 @@ class ExpertFormat:
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Canonical tensor shapes of one expert, in slab order."""
-        h, i, n1 = self.hidden_size, self.intermediate_size, self.w1_rows
-        out: dict[str, tuple[int, ...]] = {"w1": (n1, h), "w2": (h, i)}
-        if self.has_bias:
-            out["b1"] = (n1,)
-            out["b2"] = (h,)
-        return out
+        return canonical_shapes(self.hidden_size, self.intermediate_size, self.glu, self.has_bias)
 
     @property
     def numel(self) -> int:
@@ -73,6 +111,34 @@ class ExpertFormat:
         return self.numel * torch.empty((), dtype=dtype).element_size()
 
 
+_ELEMENTWISE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def expert_forward(fmt: ExpertFormat, tensors: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """One expert applied to ``x [..., H]`` from its canonical tensors, in plain PyTorch.
+
+    This is the arithmetic every family's experts module performs per expert (tests hold each adapter to it),
+    so a runtime that reproduces it from the canonical tensors reproduces the model.
+    """
+    h = F.linear(x, tensors["w1"], tensors["b1"] if fmt.has_bias else None)
+    if fmt.glu:
+        gate, up = h[..., : fmt.intermediate_size], h[..., fmt.intermediate_size :]
+        if fmt.activation == "gpt_oss":
+            gate = gate.clamp(max=fmt.swiglu_limit)
+            up = up.clamp(min=-fmt.swiglu_limit, max=fmt.swiglu_limit)
+            act = (up + 1) * (gate * torch.sigmoid(gate * fmt.swiglu_alpha))
+        else:
+            act = _ELEMENTWISE[fmt.activation](gate) * up
+    else:
+        act = _ELEMENTWISE[fmt.activation](h)
+    return F.linear(act, tensors["w2"], tensors["b2"] if fmt.has_bias else None)
+
+
 @dataclass
 class MoELayer:
     """One MoE block of a model, as the runtime sees it.
@@ -82,9 +148,16 @@ class MoELayer:
     them back into the family's own storage (used by `unwrap`). ``unpack_call`` turns the experts module's
     call arguments into ``(hidden [T,H], top_k_index [T,k] int64, top_k_weights [T,k])`` and ``pack_output``
     shapes the ``[T,H]`` result as the family's block expects it.
+
+    The block's output is the routed experts' weighted sum over ``route(hidden)`` plus, when present,
+    ``shared_experts(hidden)`` (scaled by ``sigmoid(shared_gate(hidden))`` where ``shared_gate`` is set, as in
+    Qwen-MoE). ``route`` runs the model's own router on hidden states ``[..., H]`` and returns ``(top_k_index
+    [T,k], top_k_weights [T,k])`` over the flattened tokens; predictors can apply a later layer's router with it.
+    For encoder-decoder models ``layer_index`` counts encoder layers first, then decoder layers, and ``name``
+    says which stack.
     """
 
-    layer_index: int  # index of the decoder layer in the model
+    layer_index: int  # index of the layer in the model (encoder layers first, for encoder-decoder models)
     moe_index: int  # index among the model's MoE layers, 0-based
     name: str  # dotted module path of the experts module
     parent: nn.Module
@@ -98,6 +171,8 @@ class MoELayer:
     get_expert: Callable[[int], dict[str, torch.Tensor]]
     set_expert: Callable[[int, dict[str, torch.Tensor]], None]
     shared_experts: nn.Module | None = None
+    shared_gate: nn.Module | None = None
+    route: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     unpack_call: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     pack_output: Callable[[torch.Tensor, tuple[Any, ...], dict[str, Any]], Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
