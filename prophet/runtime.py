@@ -95,7 +95,7 @@ class Runtime:
             sub_in = in_wave[rows]
             sub_slots = torch.where(sub_in, slot_ids[rows], slots[0])  # pairs of other waves: weight 0 below
             sub_weights = top_k_weights[rows] * sub_in
-            out.index_add_(0, rows, self._experts(layer, hidden[rows], sub_slots, sub_weights))
+            out[rows] += self._experts(layer, hidden[rows], sub_slots, sub_weights)  # rows are distinct
             self.cache.release(layer, slots)
             self.cache.stats[layer].waves += 1
         return out
