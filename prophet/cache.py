@@ -162,7 +162,7 @@ class ExpertCache:
         pool = self.pool(layer)
         for s in slots:
             pool.slots[s].pins -= 1
-            self.engine.released(s)
+            self.engine.released(pool.data[s])
 
     def prefetch(self, layer: int, expert: int) -> bool:
         """Start loading ``expert`` of ``layer`` into an evictable slot; False if resident or nothing evictable."""

@@ -27,7 +27,7 @@ class Load:
 
 
 class CopyEngine:
-    """Interface of a copy engine. ``slot_free`` tokens order reuse of a slot after the compute that read it."""
+    """Interface of a copy engine. Slots are named by their device tensor (its address is unique across pools)."""
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, slot: int) -> Load:
         """Start copying ``src`` (host slab) into ``dst`` (device slot ``slot``)."""
@@ -43,8 +43,8 @@ class CopyEngine:
     def finish(self, load: Load) -> None:
         """Block the host until the copy is done (needed before evicting a slot that is still loading)."""
 
-    def released(self, slot: int) -> None:
-        """Compute that reads ``slot`` has been issued; a later copy into it must wait for that compute."""
+    def released(self, dst: torch.Tensor) -> None:
+        """Compute that reads slot tensor ``dst`` has been issued; a later copy into it must wait for it."""
 
     def stall_seconds(self) -> float:
         """Compute time lost waiting for copies so far (resolved lazily on CUDA)."""
@@ -78,12 +78,12 @@ class CudaCopyEngine(CopyEngine):
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
-        self._slot_free: dict[int, torch.cuda.Event] = {}
+        self._slot_free: dict[int, torch.cuda.Event] = {}  # slot address -> last compute reading it
         self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall = 0.0
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, slot: int) -> Load:
-        free = self._slot_free.pop(slot, None)
+        free = self._slot_free.pop(dst.data_ptr(), None)
         with torch.cuda.stream(self.stream):
             if free is not None:
                 self.stream.wait_event(free)
@@ -110,10 +110,10 @@ class CudaCopyEngine(CopyEngine):
         if load.event is not None:
             load.event.synchronize()
 
-    def released(self, slot: int) -> None:
+    def released(self, dst: torch.Tensor) -> None:
         event = torch.cuda.Event(enable_timing=False)
         event.record(torch.cuda.current_stream(self.device))
-        self._slot_free[slot] = event
+        self._slot_free[dst.data_ptr()] = event
 
     def stall_seconds(self) -> float:
         pending = []

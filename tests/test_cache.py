@@ -103,3 +103,23 @@ def test_next_token_predictions_wrap_to_the_first_layers():
     pf = Prefetcher(cache)
     pf.submit([Prediction(2, 3, 0.9)], current_layer=1)  # layer 2 = layer 0 of the next token
     assert cache.resident(0, 3)
+
+
+def test_slot_release_names_the_slot_tensor_so_pools_never_collide():
+    # A copy into a slot must wait for the last compute that read *that* slot; with one pool per layer the
+    # slot index alone is ambiguous, so the engine is told the slot's tensor.
+    class Recording(SyncCopyEngine):
+        def __init__(self):
+            super().__init__()
+            self.released_at: list[int] = []
+
+        def released(self, dst):
+            self.released_at.append(dst.data_ptr())
+
+    store = make_store()
+    engine = Recording()
+    cache = ExpertCache(store, torch.device("cpu"), engine, LRU, slots_per_layer=2)
+    for layer in (0, 1):
+        cache.release(layer, cache.acquire(layer, [3]))
+    assert engine.released_at == [cache.pool(0).data[0].data_ptr(), cache.pool(1).data[0].data_ptr()]
+    assert engine.released_at[0] != engine.released_at[1]
