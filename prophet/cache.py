@@ -133,29 +133,34 @@ class ExpertCache:
             )
         self.step += 1
         stats = self.stats[layer]
-        slots: list[int] = []
+        slots: dict[int, int] = {}  # expert -> slot
+        # Hits are pinned before any miss loads, so a miss can never evict an expert this same step needs.
         for e in experts:
-            key = (layer, e)
-            s = pool.slot_of.get(key)
-            if s is None:
-                stats.misses += 1
-                s = self._load(pool, key, prefetch=False)
-            else:
+            s = pool.slot_of.get((layer, e))
+            if s is not None:
                 stats.hits += 1
                 slot = pool.slots[s]
                 if slot.prefetched:
                     stats.prefetch_hits += 1
                     slot.prefetched = False
-            pool.slots[s].pins += 1
-            pool.policy.touch(key)
-            slots.append(s)
-        for s in slots:
+                slot.pins += 1
+                pool.policy.touch((layer, e))
+                slots[e] = s
+        for e in experts:
+            if e not in slots:
+                stats.misses += 1
+                s = self._load(pool, (layer, e), prefetch=False)
+                pool.slots[s].pins += 1
+                pool.policy.touch((layer, e))
+                slots[e] = s
+        ordered = [slots[e] for e in experts]
+        for s in ordered:
             slot = pool.slots[s]
             if slot.load is not None:
                 self.engine.wait(slot.load)
                 if self.engine.done(slot.load):
                     slot.load = None
-        return slots
+        return ordered
 
     def release(self, layer: int, slots: Sequence[int]) -> None:
         """Unpin ``slots`` once the compute that reads them has been issued."""

@@ -123,3 +123,14 @@ def test_slot_release_names_the_slot_tensor_so_pools_never_collide():
         cache.release(layer, cache.acquire(layer, [3]))
     assert engine.released_at == [cache.pool(0).data[0].data_ptr(), cache.pool(1).data[0].data_ptr()]
     assert engine.released_at[0] != engine.released_at[1]
+
+
+def test_a_miss_never_evicts_an_expert_the_same_step_needs():
+    store = make_store()
+    cache = make_cache(store, slots_per_layer=2)
+    cache.release(0, cache.acquire(0, [1]))
+    cache.release(0, cache.acquire(0, [2]))  # LRU order now: 1 (oldest), 2
+    slots = cache.acquire(0, [3, 1])  # the miss for 3 must evict 2, not the step's own hit 1
+    assert cache.resident(0, 1) and cache.resident(0, 3) and not cache.resident(0, 2)
+    assert cache.stats[0].misses == 3 and cache.stats[0].hits == 1
+    assert torch.equal(cache.pool(0).data[slots[1]], store.slab(0, 1))
