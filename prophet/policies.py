@@ -7,6 +7,7 @@ are ``(layer, expert)`` tuples. `victim` receives the evictable keys and returns
 from __future__ import annotations
 
 import itertools
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -141,3 +142,57 @@ def make_policy(name: str | EvictionPolicy) -> EvictionPolicy:
             f"policy={name!r} is not known here: use one of {', '.join(sorted(POLICY_FACTORIES))} "
             "or pass an EvictionPolicy object"
         ) from None
+
+
+class PredictionAware(ScoredPolicy):
+    """Evicts the key a predictor rates least likely to be needed soon; ties fall back to ``base``.
+
+    ``scorer(layer, expert)`` is the predicted keep-priority, e.g. a `prophet.predict` predictor's
+    ``eviction_score`` (expected uses over the layer's next steps). The predictor is shared by every pool
+    and fed by the runtime; the policy only reads it.
+    """
+
+    name = "predicted"
+
+    def __init__(self, scorer: Callable[[int, int], float], base: EvictionPolicy | None = None) -> None:
+        super().__init__(lambda key: scorer(*key), base)
+
+
+class Belady(ScoredPolicy):
+    """Belady's optimum for replay: evicts the key whose next use lies furthest in the known future.
+
+    ``uses`` maps each key to the sorted positions at which the cache will `touch` it (see
+    `access_positions`); every touch must follow that stream, so a replay that strays from the future it
+    was given fails loudly instead of reporting a wrong bound. Several pools may share one ``uses``.
+    """
+
+    name = "belady"
+
+    def __init__(self, uses: dict[Key, list[int]], base: EvictionPolicy | None = None) -> None:
+        super().__init__(self._next_use, base)
+        self.uses = uses
+        self._seen: dict[Key, int] = {}  # touches of each key so far
+
+    def touch(self, key: Key) -> None:
+        n = self._seen.get(key, 0)
+        if n >= len(self.uses.get(key, ())):
+            raise ConfigError(
+                f"Belady: key {key} used more often than the access stream it was built from says; "
+                "build it from the same trace, in the same order, that the cache replays"
+            )
+        self._seen[key] = n + 1
+        super().touch(key)
+
+    def _next_use(self, key: Key) -> float:
+        """Negated position of ``key``'s next use (-inf if never again): the furthest scores lowest."""
+        uses = self.uses.get(key, ())
+        n = self._seen.get(key, 0)
+        return -float(uses[n]) if n < len(uses) else -math.inf
+
+
+def access_positions(accesses: Sequence[Key]) -> dict[Key, list[int]]:
+    """Positions of each key in an access stream, ascending: what `Belady` needs to know the future."""
+    out: dict[Key, list[int]] = {}
+    for i, key in enumerate(accesses):
+        out.setdefault(key, []).append(i)
+    return out

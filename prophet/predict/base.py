@@ -1,10 +1,24 @@
-"""The protocol every predictor follows, online (runtime) and offline (replay) alike."""
+"""The protocol every predictor follows, online (runtime) and offline (replay) alike, and the shared base.
+
+Every predictor here derives from `RoutingPredictor`, which tracks where the model is (token, layer), turns
+the runtime's id tensors into plain lists at once (batch-1 decode is dominated by per-call overhead, so
+predictors work on lists and small numpy arrays, never on the device), and answers three questions from one
+method, `scores`: which experts to prefetch (`predict`), how likely a resident expert is needed soon
+(`eviction_score`, for `prophet.policies.PredictionAware`), and what the evaluation harness measures.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
+import numpy as np
 import torch
+
+from prophet.policies import EvictionPolicy, PredictionAware
+
+if TYPE_CHECKING:
+    from prophet.predict.data import RouterTrace
 
 
 class Prediction(NamedTuple):
@@ -32,3 +46,127 @@ class Predictor(Protocol):
     def predict(self) -> list[Prediction]:
         """Experts expected for the next layers of this token and the first layers of the next token."""
         ...
+
+
+def valid_rows(expert_ids: torch.Tensor | np.ndarray | Sequence) -> list[list[int]]:
+    """``[T, k]`` ids (tensor, array or nested list; ``[k]`` means T = 1) -> per-token lists of ids >= 0.
+
+    Plain lists: at batch 1 one ``tolist`` and a comprehension cost less than any numpy round trip.
+    """
+    raw = expert_ids.tolist() if hasattr(expert_ids, "tolist") else list(expert_ids)
+    if raw and not isinstance(raw[0], list):
+        raw = [raw]
+    return [[e for e in row if e >= 0] for row in raw]
+
+
+def union(probs: np.ndarray) -> np.ndarray:
+    """``[T, E]`` per-token probabilities -> ``[E]`` probability that any of the T tokens uses each expert."""
+    return probs[0] if probs.shape[0] == 1 else 1.0 - np.prod(1.0 - probs, axis=0)
+
+
+class RoutingPredictor:
+    """Base of Prophet's predictors: position tracking, `predict` and `eviction_score` from `scores`.
+
+    Subclasses implement ``_observe(layer, rows, weights, hidden)`` (``rows``: per-token lists of expert ids)
+    and ``_scores(distances, shifts, layers) -> [D, E]`` (probability that each expert is used at each
+    distance, counted in layer steps from the last observed layer, landing ``shifts`` tokens ahead at
+    ``layers``; see `prophet.predict.data`). ``fit(traces)`` learns
+    from recorded traces where the predictor has anything to learn; ``reset()`` starts a new sequence.
+    """
+
+    name = "base"
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, horizon: int = 1, top: int | None = None) -> None:
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.horizon = horizon  # layer steps `predict` looks ahead by default
+        self.top = top or top_k  # experts per layer `predict` returns by default
+        self.layer = -1  # last observed layer; -1 before the first observation of a sequence
+        self.tokens = 0  # tokens begun in this sequence
+        self.version = 0  # bumped by every observation, to memoize derived scores
+        self._evict_memo: tuple[int, int, np.ndarray] | None = None
+        self._plans: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see `predict`
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    def fit(self, traces: Sequence[RouterTrace]) -> RoutingPredictor:
+        """Learn from recorded traces; predictors with nothing to learn ignore them."""
+        return self
+
+    def reset(self) -> None:
+        """Start a new sequence: forget the current token and everything only this sequence taught."""
+        self.layer = -1
+        self.tokens = 0
+        self.version += 1
+
+    # ---- the protocol ----------------------------------------------------------------------------------------
+    def observe(
+        self,
+        layer: int,
+        expert_ids: torch.Tensor | np.ndarray,
+        weights: torch.Tensor | np.ndarray,
+        hidden: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Layer ``layer`` routed ``expert_ids [T,k]`` (negative ids are ignored) with ``weights [T,k]``."""
+        self.feed(layer, valid_rows(expert_ids), weights, hidden)
+
+    def feed(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
+        """`observe` after the ids were turned into per-token lists (ensembles feed members this way)."""
+        if layer <= self.layer or self.layer < 0:
+            self.tokens += 1
+            self._new_token(len(rows))
+        self.layer = layer
+        self.version += 1
+        self._observe(layer, rows, weights, hidden)
+
+    def predict(self, horizon: int | None = None, top: int | None = None) -> list[Prediction]:
+        """The ``top`` likeliest experts of each of the next ``horizon`` layer steps (at most L)."""
+        h = min(horizon or self.horizon, self.num_layers)
+        n = min(top or self.top, self.num_experts)
+        plan = self._plans.get((self.layer, h))
+        if plan is None:  # distances 1..h and where they land, computed once per (layer, horizon)
+            d = np.arange(1, h + 1)
+            plan = self._plans[self.layer, h] = (d, *np.divmod(self.layer + d, self.num_layers))
+        s = self._scores(*plan)  # [h, E]
+        best = np.argpartition(s, self.num_experts - n, axis=1)[:, -n:].tolist()
+        vals = s.tolist()
+        base = self.layer + 1
+        return [Prediction(base + d, e, vals[d][e]) for d in range(h) for e in best[d] if vals[d][e] > 0.0]
+
+    # ---- scores --------------------------------------------------------------------------------------------
+    def scores(self, distances: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``[D, E]`` float probabilities of use at each look-ahead distance (layer steps, >= 1)."""
+        d = np.asarray(distances, dtype=np.int64)
+        return self._scores(d, *np.divmod(self.layer + d, self.num_layers))
+
+    def eviction_score(self, layer: int, expert: int, occurrences: int = 2) -> float:
+        """Expected uses of ``expert`` at the next ``occurrences`` steps of ``layer``, as a keep-priority.
+
+        The first occurrence is the next step of ``layer`` after the last observed one; the runtime observes
+        a layer after acquiring it, so during a demand miss that is the step being acquired, which is why a
+        second occurrence (one token later) is counted too.
+        """
+        memo = self._evict_memo
+        if memo is None or memo[0] != self.version or memo[1] != layer:
+            first = (layer - self.layer - 1) % self.num_layers + 1
+            dist = first + self.num_layers * np.arange(occurrences)
+            memo = (self.version, layer, self.scores(dist).sum(axis=0))
+            self._evict_memo = memo
+        return float(memo[2][expert])
+
+    def policy_factory(self, base: Callable[[], EvictionPolicy] | None = None) -> Callable[[], PredictionAware]:
+        """Prediction-aware eviction reading this predictor, as the ``policy`` factory `ExpertCache` takes
+        (the runtime must feed this same predictor); ties go to a policy from ``base`` (LRU by default)."""
+        return lambda: PredictionAware(self.eviction_score, base() if base is not None else None)
+
+    # ---- for subclasses --------------------------------------------------------------------------------------
+    def _new_token(self, batch: int) -> None:
+        """A new token (batch of ``batch`` rows) starts at the layer about to be observed."""
+
+    def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
+        """``rows``: each token's valid expert ids; ``weights`` and ``hidden`` exactly as the caller gave them."""
+        raise NotImplementedError
+
+    def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        """``[D, E]`` for ``distances [D]``, which land ``shifts [D]`` tokens ahead at ``layers [D]``."""
+        raise NotImplementedError

@@ -1,0 +1,71 @@
+"""Belady and prediction-aware eviction, driven through the runtime's cache by the replay driver."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from predict_helpers import random_trace
+
+from prophet.errors import ConfigError
+from prophet.policies import FIFO, LFU, LRU, Belady, PredictionAware, access_positions
+from prophet.predict import OraclePredictor
+from prophet.predict.evaluate import access_stream, replay
+
+
+def skewed_trace(seed: int):
+    """Random routing with popular experts (Zipf-like), where policies differ more than under uniform routing."""
+    rng = np.random.default_rng(seed)
+    tr = random_trace(rng, 40, 3, 8, 2, seqs=2)
+    pop = rng.permutation(8)
+    p = 1.0 / np.arange(1, 9)
+    for t in range(tr.num_tokens):
+        for layer in range(3):
+            tr.experts[t, layer] = pop[rng.choice(8, 2, replace=False, p=p / p.sum())]
+    return tr
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), slots=st.integers(2, 7), shared=st.booleans())
+def test_belady_is_never_beaten_by_lru_lfu_or_fifo(seed, slots, shared):
+    tr = skewed_trace(seed)
+    uses = access_positions(access_stream(tr))
+    size = {"cache_slots": 3 * slots} if shared else {"slots_per_layer": slots}
+    best = replay(tr, lambda: Belady(uses), **size).hit_rate
+    for policy in (LRU, LFU, FIFO):
+        assert best >= replay(tr, policy, **size).hit_rate
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), slots=st.integers(2, 7))
+def test_prediction_aware_eviction_with_the_oracle_equals_or_beats_lru(seed, slots):
+    tr = skewed_trace(seed)
+    oracle = OraclePredictor(tr)
+    ours = replay(tr, oracle.policy_factory(), slots_per_layer=slots, predictor=oracle)
+    assert ours.hit_rate >= replay(tr, LRU, slots_per_layer=slots).hit_rate
+
+
+def test_prediction_aware_evicts_the_lowest_scored_key_and_breaks_ties_by_recency():
+    scores = {(0, 0): 0.9, (0, 1): 0.2, (0, 2): 0.2, (0, 3): 0.5}
+    policy = PredictionAware(lambda layer, expert: scores[layer, expert])
+    for key in scores:
+        policy.insert(key)
+    policy.touch((0, 1))
+    assert policy.victim(list(scores)) == (0, 2)
+
+
+def test_belady_evicts_the_key_used_furthest_in_the_future():
+    stream = [(0, 1), (0, 2), (0, 3), (0, 1), (0, 3), (0, 2)]
+    policy = Belady(access_positions(stream))
+    for key in stream[:3]:
+        policy.insert(key)
+        policy.touch(key)
+    assert policy.victim([(0, 1), (0, 2), (0, 3)]) == (0, 2)
+
+
+def test_belady_fails_loudly_when_the_replay_strays_from_its_future():
+    policy = Belady(access_positions([(0, 1)]))
+    policy.touch((0, 1))
+    with pytest.raises(ConfigError, match="access stream"):
+        policy.touch((0, 1))
