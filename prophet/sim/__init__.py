@@ -1,0 +1,26 @@
+"""Trace replay under a hardware cost model: tokens/s of a policy and predictor without the GPU.
+
+`replay` drives the runtime's own cache, policies, predictors and prefetcher with a router trace, timing it
+with `SimCopyEngine` (modelled link) and `CostModel` (roofline per layer) on a `HardwareProfile`; `bounds` gives
+the all-resident, all-miss and oracle limits that every result is reported beside.
+"""
+
+from prophet.sim.cost import CostModel, expected_distinct
+from prophet.sim.engine import SimCopyEngine
+from prophet.sim.hardware import HardwareProfile, get_profile, list_profiles
+from prophet.sim.replay import ReplayResult, Schedule, ScheduleOracle, bounds, replay, schedule
+
+__all__ = [
+    "CostModel",
+    "HardwareProfile",
+    "ReplayResult",
+    "Schedule",
+    "ScheduleOracle",
+    "SimCopyEngine",
+    "bounds",
+    "expected_distinct",
+    "get_profile",
+    "list_profiles",
+    "replay",
+    "schedule",
+]

@@ -1,0 +1,413 @@
+"""Trace replay under the cost model, through the runtime's own cache, policies, predictors and prefetcher.
+
+A batch of B sequences decodes in lockstep: lane b plays the trace's tokens (all sequences, in order,
+cyclically) starting at row ``b * N // B``, one token per step, so a batch mixes different sequences at
+different positions. Each MoE layer step dedups the batch's experts and drives the real `ExpertCache` in the
+order `prophet.runtime.Runtime.run_layer` does: advance the prefetcher, acquire (waves when the batch wants more
+experts than the pool holds), issue compute, release, observe, submit predictions. Only time is modelled: the
+`SimCopyEngine` clock (copies serialized on one link, overlapping compute when ``overlap``) and the
+`CostModel` roofline per layer. With batch 1, unlimited bandwidth and no fixed cost this is exactly
+`prophet.predict.evaluate.replay` (same order, same counters).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from prophet.cache import ExpertCache
+from prophet.config import PrefetchConfig
+from prophet.errors import ConfigError
+from prophet.models.adapter import ExpertFormat
+from prophet.models.registry import get_spec
+from prophet.models.spec import ModelSpec
+from prophet.policies import POLICY_FACTORIES, Belady, EvictionPolicy, PredictionAware, access_positions
+from prophet.predict.base import Prediction
+from prophet.predict.data import RouterTrace, as_router_trace
+from prophet.prefetch import Prefetcher
+from prophet.sim.cost import CostModel, expected_distinct
+from prophet.sim.engine import SimCopyEngine
+from prophet.sim.hardware import HardwareProfile, get_profile
+from prophet.store import HostStore
+
+# Replay moves one-element slabs; the engine charges the real expert size.
+_TINY = ExpertFormat(hidden_size=1, intermediate_size=1)
+
+
+# ---- the batched step schedule ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    """Which trace rows each step plays and the distinct experts of every (step, layer).
+
+    rows     int64 [S, B]      trace row of lane b at step s
+    flat     list[int]         distinct expert ids, ascending, of step-layer i = s * L + l at offsets[i]:offsets[i+1]
+    offsets  int64 [S*L + 1]
+    """
+
+    rows: np.ndarray
+    flat: list[int]
+    offsets: np.ndarray
+    num_layers: int
+
+    @property
+    def steps(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def batch(self) -> int:
+        return int(self.rows.shape[1])
+
+    def ids(self, step: int, layer: int) -> list[int]:
+        i = step * self.num_layers + layer
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def distinct(self) -> np.ndarray:
+        """``[S, L]`` distinct experts per step and layer."""
+        return np.diff(self.offsets).reshape(self.steps, self.num_layers)
+
+
+def schedule(trace: RouterTrace, batch: int = 1, steps: int | None = None) -> Schedule:
+    """Interleave ``batch`` lanes over ``trace`` for ``steps`` steps (default: every token once, N // B steps)."""
+    if batch < 1:
+        raise ConfigError(f"batch={batch}: must be at least 1")
+    n, L, E = trace.num_tokens, trace.num_layers, trace.num_experts
+    steps = steps if steps is not None else max(n // batch, 1)
+    start = (np.arange(batch) * n) // batch  # [B]
+    rows = (start[None, :] + np.arange(steps)[:, None]) % n  # [S, B]
+    ex = trace.experts[rows]  # [S, B, L, K]
+    s_i, _, l_i, _ = np.nonzero(ex >= 0)
+    hot = np.zeros((steps, L, E), dtype=bool)  # [S, L, E]
+    hot[s_i, l_i, ex[ex >= 0]] = True
+    _, _, e_i = np.nonzero(hot)  # C order: by step, then layer, then expert
+    offsets = np.concatenate([[0], np.cumsum(hot.sum(axis=2).ravel())]).astype(np.int64)
+    return Schedule(rows=rows, flat=e_i.tolist(), offsets=offsets, num_layers=L)
+
+
+class ScheduleOracle:
+    """Perfect prediction of the replayed schedule: the exact experts of the next ``horizon`` layer steps.
+
+    `prophet.predict.ensemble.OraclePredictor` follows one token stream; a batch's dedup union is only known to
+    the schedule, so the simulator's bound reads it here. It counts `observe` calls to know where it is.
+    """
+
+    name = "oracle"
+
+    def __init__(self, sched: Schedule, horizon: int | None = None) -> None:
+        self.sched = sched
+        self.horizon = horizon or sched.num_layers  # one token ahead, the most a per-layer pool can use safely
+        self.pos = -1  # step-layer index last observed
+
+    def observe(self, layer: int, expert_ids: Any, weights: Any, hidden: Any = None) -> None:
+        self.pos += 1
+
+    def predict(self) -> list[Prediction]:
+        L = self.sched.num_layers
+        step, layer = divmod(self.pos, L)
+        out = []
+        for d in range(1, self.horizon + 1):
+            s, lay = divmod(self.pos + d, L)
+            if s >= self.sched.steps:
+                break
+            out.extend(Prediction(layer + d, e, 1.0) for e in self.sched.ids(s, lay))
+        return out
+
+
+# ---- predictors and policies by name -------------------------------------------------------------------
+def make_predictor(name: str, trace: RouterTrace, sched: Schedule) -> Any:
+    """A predictor by name: ``oracle`` (perfect, from the schedule) or a `prophet.predict` predictor's ``name``,
+    fitted on ``trace`` itself (optimistic: the same trace it is replayed on). ``a+b`` builds an ensemble."""
+    if name == "oracle":
+        return ScheduleOracle(sched)
+    from prophet.predict import ensemble, pathmatch, statistical
+
+    classes = {
+        c.name: c
+        for c in (
+            statistical.FrequencyPredictor,
+            statistical.ReusePredictor,
+            statistical.CoOccurrencePredictor,
+            statistical.ActivationMatrixPredictor,
+            pathmatch.PathMatchPredictor,
+        )
+    }
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in classes]
+    if unknown:
+        raise ConfigError(f"predictor {unknown[0]!r} unknown: use oracle, {', '.join(sorted(classes))}, or a+b")
+    members = [classes[p](trace.num_layers, trace.num_experts, trace.top_k) for p in parts]
+    pred = members[0] if len(members) == 1 else ensemble.EnsemblePredictor(members)
+    return pred.fit([trace])
+
+
+def _policy_factory(
+    policy: str | Callable[[], EvictionPolicy], uses: Callable[[], dict], predictor: Any
+) -> tuple[str, Callable[[], EvictionPolicy]]:
+    """``(name, factory)``: ``belady`` (knows the schedule), ``predicted`` (the predictor's eviction score),
+    or a `prophet.policies.POLICY_FACTORIES` name; a callable is used as is."""
+    if callable(policy):
+        return getattr(policy, "name", getattr(policy, "__name__", "custom")), policy
+    if policy == "belady":
+        shared = uses()
+        return policy, lambda: Belady(shared)
+    if policy == "predicted":
+        if not hasattr(predictor, "eviction_score"):
+            raise ConfigError("policy='predicted' needs a predictor with eviction_score (a prophet.predict predictor)")
+        return policy, lambda: PredictionAware(predictor.eviction_score)
+    if policy not in POLICY_FACTORIES:
+        known = ", ".join(sorted([*POLICY_FACTORIES, "belady", "predicted"]))
+        raise ConfigError(f"policy={policy!r} is not known: use one of {known}")
+    return policy, POLICY_FACTORIES[policy]
+
+
+# ---- results -------------------------------------------------------------------------------------------
+@dataclass
+class ReplayResult:
+    """One replay's modelled speed and cache counters. Times are seconds per decode step (B tokens).
+
+    total = compute + stall + cpu exactly; copy_busy is link time, which overlaps compute.
+    """
+
+    model: str
+    gpu: str
+    policy: str
+    predictor: str | None
+    slots: str
+    slots_total: int
+    batch: int
+    steps: int
+    context: int
+    overlap: bool
+    cpu_fallback: bool
+    tokens_per_s: float
+    step_s: float
+    compute_s: float
+    stall_s: float
+    cpu_s: float  # CPU time of missed experts beyond the GPU's share of the layer (cpu_fallback)
+    copy_busy_s: float
+    hit_rate: float
+    hits: int
+    misses: int
+    cpu_misses: int
+    bytes_h2d: int
+    prefetches: int
+    prefetch_hits: int
+    wasted_prefetches: int
+    distinct_per_layer: float  # mean distinct experts per layer step (after batch dedup)
+    wall_s: float  # how long the replay took on this machine
+    per_layer_hit_rate: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _count_tokens(experts: np.ndarray) -> dict[int, int]:
+    ids, counts = np.unique(experts[experts >= 0], return_counts=True)
+    return dict(zip(ids.tolist(), counts.tolist(), strict=True))
+
+
+def replay(
+    trace: Any,
+    spec: ModelSpec | str,
+    profile: HardwareProfile | str,
+    *,
+    policy: str | Callable[[], EvictionPolicy] = "lru",
+    predictor: Any = None,
+    slots_per_layer: int | None = None,
+    cache_slots: int | None = None,
+    batch: int = 1,
+    steps: int | None = None,
+    context: int = 2048,
+    dtype: torch.dtype = torch.bfloat16,
+    overlap: bool = True,
+    cpu_fallback: bool = False,
+    prefetch: PrefetchConfig | None = None,
+    sched: Schedule | None = None,
+    progress: bool = True,
+) -> ReplayResult:
+    """Replay ``trace`` (a `prophet.trace.Trace` or `RouterTrace`) as ``spec`` on ``profile``.
+
+    ``predictor``: None, a name (see `make_predictor`) or a `Predictor`; its predictions are prefetched
+    (``prefetch`` config, enabled by default when a predictor is given). ``cpu_fallback`` runs missed experts
+    on the host CPU while the GPU runs the resident ones, and admits them into the cache with background
+    copies. ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch`` and ``steps``).
+    """
+    wall = time.perf_counter()
+    trace = as_router_trace(trace)
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    profile = get_profile(profile)
+    L, E = trace.num_layers, trace.num_experts
+    if (L, E) != (spec.num_moe_layers, spec.num_experts):
+        raise ConfigError(
+            f"trace has {L} layers x {E} experts but {spec.name} has {spec.num_moe_layers} x {spec.num_experts}; "
+            "replay a trace of that model"
+        )
+    sched = sched or schedule(trace, batch, steps)
+    B, S = sched.batch, sched.steps
+    if isinstance(predictor, str):
+        predictor = make_predictor(predictor, trace, sched)
+
+    def belady_uses() -> dict:
+        # every key the cache will touch, in the replay's order; a step's keys ascending as acquire sees them
+        keys = [(lay, e) for s in range(S) for lay in range(L) for e in sched.ids(s, lay)]
+        return access_positions(keys)
+
+    policy_name, factory = _policy_factory(policy, belady_uses, predictor)
+    if cpu_fallback and policy_name == "belady":
+        raise ConfigError("belady needs every expert to pass through the cache; it cannot run with cpu_fallback")
+
+    cost = CostModel(spec, profile, dtype, context)
+    engine = SimCopyEngine(profile, cost.expert_bytes, overlap=overlap)
+    store = HostStore(L, E, _TINY, torch.float32, pin=False)
+    cache = ExpertCache(
+        store, torch.device("cpu"), engine, factory, cache_slots=cache_slots, slots_per_layer=slots_per_layer
+    )
+    config = prefetch or PrefetchConfig(enabled=predictor is not None)
+    prefetcher = Prefetcher(cache, config)
+    prefetching = config.enabled and predictor is not None
+    layer_s = [cost.layer_seconds(n, B) for n in range(E + 1)]  # GPU time by distinct experts
+    seq_start = np.zeros(trace.num_tokens, dtype=bool)
+    seq_start[trace.seq_offsets[:-1]] = True
+    resets = B == 1 and hasattr(predictor, "reset")  # a batch mixes sequences: no single point to reset at
+    compute = cpu_extra = 0.0
+    cpu_misses = admitted = 0
+
+    for s in tqdm(range(S), desc=f"replay {policy_name}", disable=not progress, leave=False):
+        rows = sched.rows[s]  # [B]
+        if resets and seq_start[rows[0]]:
+            predictor.reset()
+        for layer in range(L):
+            ids = list(sched.ids(s, layer))
+            prefetcher.advance(layer)
+            missed: list[int] = []
+            if cpu_fallback:
+                missed = [e for e in ids if not cache.resident(layer, e)]
+                ids = [e for e in ids if cache.resident(layer, e)]
+            capacity = cache.capacity(layer)
+            gpu = layer_s[len(ids)]
+            cpu = 0.0
+            if missed:
+                tokens = _count_tokens(trace.experts[rows, layer])
+                cpu = sum(cost.cpu_expert_seconds(tokens[e]) for e in missed)
+                cpu_misses += len(missed)
+            waves = [ids[i : i + capacity] for i in range(0, len(ids), capacity)] or [[]]
+            for j, wave in enumerate(waves):
+                slots = cache.acquire(layer, wave) if wave else []
+                last = j == len(waves) - 1
+                share = gpu * len(wave) / len(ids) if ids else gpu
+                run = max(share, cpu) if last else share  # the CPU's experts finish with the layer
+                begin = engine.now
+                # the kernels are queued; the clock moves to their end, while copies the host issues now
+                # (admissions, prefetches) start at ``begin`` on the link when copies overlap compute
+                engine.now = begin + run
+                engine.issue_at = begin
+                compute += share
+                cpu_extra += run - share
+                if slots:
+                    engine.computing(cache.pool(layer).data, slots, begin + run)
+                    cache.release(layer, slots)
+                if len(waves) > 1 and wave:
+                    cache.stats[layer].waves += 1
+                if last:
+                    for e in missed:  # admit the CPU's experts in the background, within the prefetch bound
+                        if cache.inflight() < config.max_inflight and cache.prefetch(layer, e):
+                            admitted += 1
+                    if predictor is not None:
+                        x = rows[0] if B == 1 else rows
+                        hidden = None if trace.hidden is None or B > 1 else trace.hidden[x, layer][None]
+                        predictor.observe(
+                            layer, trace.experts[x, layer].reshape(B, -1), trace.weights[x, layer].reshape(B, -1), hidden
+                        )
+                        if prefetching:
+                            prefetcher.submit(predictor.predict(), layer)
+                engine.issue_at = None
+
+    total = cache.total_stats()
+    seconds = engine.now
+    tokens = S * B
+    misses = total.misses + cpu_misses
+    return ReplayResult(
+        model=spec.name,
+        gpu=profile.name,
+        policy=policy_name,
+        predictor=None if predictor is None else str(getattr(predictor, "name", type(predictor).__name__)),
+        slots=f"{slots_per_layer} of {E} per layer" if slots_per_layer else f"{cache_slots} shared",
+        slots_total=cache.num_slots,
+        batch=B,
+        steps=S,
+        context=context,
+        overlap=overlap,
+        cpu_fallback=cpu_fallback,
+        tokens_per_s=tokens / seconds if seconds > 0 else float("inf"),
+        step_s=seconds / S,
+        compute_s=compute / S,
+        stall_s=engine.stall_seconds() / S,
+        cpu_s=cpu_extra / S,
+        copy_busy_s=engine.busy / S,
+        hit_rate=total.hits / (total.hits + misses) if total.hits + misses else 0.0,
+        hits=total.hits,
+        misses=misses,
+        cpu_misses=cpu_misses,
+        bytes_h2d=engine.copies * cost.expert_bytes,
+        prefetches=total.prefetches - admitted,
+        prefetch_hits=total.prefetch_hits,
+        wasted_prefetches=total.wasted_prefetches,
+        distinct_per_layer=float(sched.distinct().mean()),
+        wall_s=time.perf_counter() - wall,
+        per_layer_hit_rate=[round(st.hit_rate, 4) for st in cache.stats],
+    )
+
+
+def bounds(
+    spec: ModelSpec | str,
+    profile: HardwareProfile | str,
+    batch: int = 1,
+    *,
+    trace: Any = None,
+    slots_per_layer: int | None = None,
+    cache_slots: int | None = None,
+    steps: int | None = None,
+    context: int = 2048,
+    dtype: torch.dtype = torch.bfloat16,
+    sched: Schedule | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Speed limits beside every result, in tokens/s.
+
+    all_resident: every expert on the GPU (compute only; ``fits`` says whether it would fit in HBM with the KV).
+    all_miss: every distinct expert of every step copied, nothing overlapped (compute + link time).
+    oracle: Belady eviction + perfect prefetch of the next token's experts at the same bandwidth and capacity
+    (needs ``trace`` and a capacity). Distinct experts per layer come from ``trace`` when given, else from
+    uniform routing (`expected_distinct`).
+    """
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    profile = get_profile(profile)
+    cost = CostModel(spec, profile, dtype, context)
+    if trace is not None:
+        trace = as_router_trace(trace)
+        sched = sched or schedule(trace, batch, steps)
+        distinct = float(sched.distinct().mean())
+    else:
+        distinct = expected_distinct(spec.num_experts, spec.top_k, batch)
+    compute = cost.token_seconds(distinct, batch)
+    link = spec.num_moe_layers * distinct * cost.copy_seconds()
+    needed = spec.non_expert_bytes(dtype) + spec.all_expert_bytes(dtype) + spec.kv_bytes(context, dtype, batch)
+    out: dict[str, Any] = {
+        "all_resident": {"tokens_per_s": batch / compute, "step_s": compute, "fits": bool(needed <= profile.hbm_bytes)},
+        "all_miss": {"tokens_per_s": batch / (compute + link), "step_s": compute + link},
+        "distinct_per_layer": distinct,
+        "copy_ms_per_expert": cost.copy_seconds() * 1e3,
+    }
+    if trace is not None and (slots_per_layer or cache_slots):
+        r = replay(
+            trace, spec, profile, policy="belady", predictor="oracle", slots_per_layer=slots_per_layer,
+            cache_slots=cache_slots, batch=batch, context=context, dtype=dtype, sched=sched, progress=progress,
+        )
+        out["oracle"] = {"tokens_per_s": r.tokens_per_s, "step_s": r.step_s, "hit_rate": r.hit_rate,
+                         "stall_s": r.stall_s, "policy": "belady", "predictor": "oracle"}
+    return out
