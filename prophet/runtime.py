@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,6 +13,9 @@ from prophet.models.adapter import ExpertFormat, MoELayer
 from prophet.predict.base import Predictor
 from prophet.prefetch import Prefetcher
 from prophet.store import HostStore
+
+if TYPE_CHECKING:
+    from prophet.plan import Plan
 
 
 class Runtime:
@@ -37,6 +41,8 @@ class Runtime:
         self.fmt: ExpertFormat = store.fmt
         self.num_experts = store.num_experts
         self.expert_shapes: list[dict[str, torch.Size]] = []  # original parameter shapes, for unwrap
+        self.plan: Plan | None = None  # the memory plan, when wrap was given max_context
+        self.kv_cache: Any = None  # the transformers cache that plan sized, to pass to generate()
 
     def run_layer(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

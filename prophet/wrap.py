@@ -1,12 +1,15 @@
 """`wrap` / `unwrap` / `stats`: put a transformers MoE model's experts behind Prophet's cache, and take them back.
 
 `wrap` copies every expert into the host store, frees the experts' own parameters, swaps each experts module
-for an `OffloadedExperts` through the adapter table, and moves the rest of the model to ``device``. `unwrap`
+for an `OffloadedExperts` through the adapter table, and moves the rest of the model to ``device``. With
+``max_context`` it first plans the device memory (`prophet.plan`): a KV cache for ``batch x max_context`` tokens
+is allocated and whatever the weights, KV and workspace leave goes to expert slots. `unwrap`
 writes the store back into the original modules (bit-identical) and swaps them back in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +27,8 @@ from prophet.errors import (
     ProphetError,
 )
 from prophet.layer import OffloadedExperts
-from prophet.models.adapter import Adapter, moe_layers
+from prophet.models.adapter import Adapter, MoELayer, moe_layers
+from prophet.plan import Plan, model_sizes, plan, resolve_gpu
 from prophet.policies import EvictionPolicy, make_policy
 from prophet.predict.base import Predictor
 from prophet.prefetch import Prefetcher
@@ -65,6 +69,33 @@ def _cache_config(config: ProphetConfig | None, policy: str, **options: Any) -> 
     return ProphetConfig(cache=CacheConfig(policy=policy, **given))
 
 
+def _kv_cache(model: nn.Module, dev: torch.device, max_context: int, batch: int, dtype: torch.dtype) -> Any:
+    """On CUDA a `StaticCache` allocated up front (fixed addresses, CUDA-graph friendly, and its memory is taken
+    before the slots); on CPU a `DynamicCache`, which grows as needed."""
+    from transformers import DynamicCache, StaticCache
+
+    if dev.type != "cuda":
+        return DynamicCache(config=model.config)
+    text = model.config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    cache = StaticCache(config=model.config, max_cache_len=max_context)
+    cache.early_initialization(
+        batch_size=batch, num_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, dtype=dtype, device=dev,
+    )
+    return cache
+
+
+def _plan_for(model: nn.Module, layers: list[MoELayer], dtype: torch.dtype, dev: torch.device,
+              max_context: int, batch: int, gpu: int | str | None) -> Plan:
+    if gpu is None:
+        if dev.type != "cuda":
+            raise ConfigError("max_context on the CPU needs gpu= (bytes or a profile name such as 'h100-sxm') to size the plan")
+        gpu = torch.cuda.mem_get_info(dev)[1]
+    name, gpu_bytes = resolve_gpu(gpu)
+    return dataclasses.replace(plan(model_sizes(model, layers, dtype), gpu_bytes, max_context, batch, kv_dtype=dtype), gpu=name)
+
+
 def wrap(
     model: nn.Module,
     *,
@@ -76,20 +107,21 @@ def wrap(
     predictor: Predictor | None = None,
     config: ProphetConfig | None = None,
     adapter: Adapter | None = None,
+    max_context: int | None = None,
+    batch: int = 1,
+    gpu: int | str | None = None,
 ) -> nn.Module:
     """Offload ``model``'s experts to host memory behind a device slot cache; returns the same model object.
 
     Give at most one of ``cache_slots`` (one pool shared by all MoE layers), ``slots_per_layer`` (a pool per
     layer) or ``cache_bytes`` (a shared pool sized from bytes). With none, every expert gets a slot.
+    ``max_context`` instead plans the device memory (``gpu``: bytes or a profile name; default the CUDA device's
+    total): the KV cache for ``batch x max_context`` tokens is allocated (``runtime_of(model).kv_cache``) and
+    the rest becomes ``cache_slots`` (``runtime_of(model).plan``).
     """
     if hasattr(model, _ATTR):
         raise AlreadyWrappedError("this model is already wrapped by Prophet; call prophet.unwrap(model) first")
     dev = resolve_device(device)
-    cfg = _cache_config(
-        config, policy if isinstance(policy, str) else "lru",
-        cache_slots=cache_slots, slots_per_layer=slots_per_layer, cache_bytes=cache_bytes,
-    )
-    policy_factory = policy if callable(policy) else (lambda: make_policy(cfg.cache.policy))
     layers = moe_layers(model, adapter)
     params = [p for layer in layers for p in layer.expert_parameters()]
     dtype = params[0].dtype
@@ -98,6 +130,19 @@ def wrap(
         raise DtypeError(f"expert weights are {found}; Prophet's kernels run float32, float16 or bfloat16: convert with model.to(torch.bfloat16)")
     if any(p.is_meta for p in params):
         raise ConfigError("expert weights are on the meta device (no data); load real weights or use prophet.load(checkpoint_dir)")
+    memory_plan = kv_cache = None
+    if max_context is not None:
+        sizes = {"cache_slots": cache_slots, "slots_per_layer": slots_per_layer, "cache_bytes": cache_bytes}
+        if config is not None or any(v is not None for v in sizes.values()):
+            raise ConfigError("max_context sizes the cache itself; drop config=, cache_slots, slots_per_layer and cache_bytes")
+        memory_plan = _plan_for(model, layers, dtype, dev, max_context, batch, gpu)
+        cache_slots = memory_plan.expert_slots
+        kv_cache = _kv_cache(model, dev, max_context, batch, dtype)
+    cfg = _cache_config(
+        config, policy if isinstance(policy, str) else "lru",
+        cache_slots=cache_slots, slots_per_layer=slots_per_layer, cache_bytes=cache_bytes,
+    )
+    policy_factory = policy if callable(policy) else (lambda: make_policy(cfg.cache.policy))
 
     pin = dev.type == "cuda" and cfg.pin_memory
     slab_bytes = layers[0].fmt.nbytes(dtype)
@@ -125,6 +170,8 @@ def wrap(
     cache = ExpertCache(store, dev, engine, policy_factory, cache_slots=cache_slots, slots_per_layer=slots_per_layer)
     runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
     runtime.expert_shapes = shapes
+    runtime.plan = memory_plan
+    runtime.kv_cache = kv_cache
     for layer in layers:
         setattr(layer.parent, layer.attr, OffloadedExperts(layer, runtime))
     model.to(dev)

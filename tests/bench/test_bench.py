@@ -1,0 +1,101 @@
+"""``prophet-bench``: the plan and simulated replay end in one JSON line; bad input is one line and exit code 2."""
+
+import json
+import re
+
+import pytest
+
+from prophet.bench import main, parse_tokens, resolve_model
+from prophet.errors import UnsupportedModelError
+from prophet.models import get_spec
+
+pytest.importorskip("prophet.sim.replay", reason="prophet.sim (issue 6) is not in this checkout yet")
+pytest.importorskip("prophet.trace.synth", reason="prophet.trace's synthetic generator is not in this checkout yet")
+
+FAST = ["--steps", "8", "--no-progress"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_json_last_line_has_hardware_versions_plan_results_and_bounds(capsys):
+    code, out, err = run(capsys, "--model", "mixtral", "--ctx", "128k", "--gpu", "h100-sxm", *FAST)
+    assert code == 0
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["hardware"]["name"] == "h100-sxm"
+    assert set(record["versions"]) >= {"torch", "transformers", "prophet"}
+    assert record["git_sha"] is None or re.fullmatch(r"[0-9a-f]{40}", record["git_sha"])
+    assert record["plan"]["expert_slots"] == 172 and record["plan"]["total_experts"] == 256
+    assert [r["policy"] for r in record["results"]] == ["lru", "prophet"]
+    for r in record["results"]:
+        assert 0.0 <= r["hit_rate"] <= 1.0 and r["tokens_per_s"] > 0 and r["slots_total"] == 172
+    bounds = record["bounds"]
+    assert bounds["all_miss"]["tokens_per_s"] < bounds["oracle"]["tokens_per_s"] < bounds["all_resident"]["tokens_per_s"]
+    assert record["trace"]["origin"].startswith("synthetic") and record["trace"]["layers"] == 32
+    assert "172 of 256 experts" in err and "RoPE scaling" in err and "best: prophet" in err
+
+
+def test_compare_adds_the_baselines(capsys):
+    code, out, _ = run(capsys, "--model", "olmoe", "--ctx", "4096", "--gpu", "h100-sxm", "--policy", "lfu",
+                       "--compare", *FAST)
+    record = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and record["plan"]["fits_all_resident"]
+    by_policy = {r["policy"]: r for r in record["results"]}
+    assert list(by_policy) == ["lru", "lfu", "all-resident"]
+    assert by_policy["all-resident"]["tokens_per_s"] == record["bounds"]["all_resident"]["tokens_per_s"]
+
+
+def test_a_trace_file_is_named_in_the_output(capsys, tmp_path):
+    from prophet.trace.synth import synthetic_trace
+
+    synthetic_trace(16, 64, 8, tokens_per_sequence=16).save(tmp_path / "olmoe-like")
+    code, out, err = run(capsys, "--model", "olmoe", "--ctx", "4096", "--gpu", "l4", "--policy", "lru",
+                         "--trace", str(tmp_path / "olmoe-like"), *FAST)
+    record = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and record["trace"]["origin"] == f"file {tmp_path / 'olmoe-like'}"
+    assert f"file {tmp_path / 'olmoe-like'}" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fix"),
+    [
+        (["--model", "mixtral-9x9b"], "unknown model 'mixtral-9x9b'"),
+        (["--model", "mixtral", "--ctx", "4m", "--gpu", "l4"], "fixes: ctx <= "),
+        (["--ctx", "12x"], "give a positive token count such as 32768, 128k or 1m"),
+        (["--ctx", "0"], "give a positive token count"),
+        (["--trace", "/nonexistent/trace.npz"], "no such file; give a trace path or leave --trace out"),
+        (["--gpu", "h900"], "unknown GPU profile 'h900'"),
+        (["--batch", "0"], "must be at least 1"),
+        (["--kv-dtype", "int3"], "dtype 'int3' is unknown"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, fix):
+    code, out, err = run(capsys, *argv, *FAST)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prophet-bench: error: ") and fix in lines[0]
+
+
+def test_a_trace_of_another_shape_is_refused(capsys, tmp_path):
+    from prophet.trace.synth import synthetic_trace
+
+    synthetic_trace(4, 8, 2, tokens_per_sequence=8).save(tmp_path / "small")
+    code, out, err = run(capsys, "--model", "mixtral", "--ctx", "4096", "--trace", str(tmp_path / "small"), *FAST)
+    assert code == 2 and out == ""
+    assert "has 4 MoE layers x 8 experts but Mixtral-8x7B has 32 x 8" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("text", "tokens"), [("32768", 32768), ("128k", 131072), ("128K", 131072), ("1m", 1 << 20)])
+def test_ctx_suffixes(text, tokens):
+    assert parse_tokens(text) == tokens
+
+
+def test_model_from_a_checkpoint_config_matches_the_registry(tmp_path):
+    get_spec("mixtral").hf_config().save_pretrained(tmp_path)
+    assert resolve_model(str(tmp_path)).name == "Mixtral-8x7B"
+    get_spec("mixtral").tiny().hf_config().save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="no registry model has this config's shape"):
+        resolve_model(str(tmp_path))
