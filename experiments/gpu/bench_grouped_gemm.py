@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from prophet.kernels.moe import moe_experts, moe_experts_reference
 from prophet.kernels.tuning import device_name
-
 from prophet.models.adapter import ExpertFormat
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,6 +23,10 @@ from pathlib import Path
 import torch
 import triton
 from bench_grouped_gemm import MODELS, TOKENS, TOLERANCE, Problem, make_problem, relative_error
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+from triton.testing import do_bench
+
 from prophet.kernels.moe import moe_experts_reference, moe_experts_triton
 from prophet.kernels.tuning import (
     CONFIG_DIR,
@@ -33,9 +37,6 @@ from prophet.kernels.tuning import (
     device_name,
     write_configs,
 )
-from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
-from triton.testing import do_bench
 
 DECODE_TILES = [
     GemmConfig(32, 256, 4, 4),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from prophet.kernels.align import align_pairs_reference, max_aligned_blocks
 from prophet.kernels.moe import align_pairs
 

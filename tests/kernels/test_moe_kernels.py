@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+
+from prophet.errors import KernelError
 from prophet.kernels import moe
 from prophet.kernels.moe import moe_experts, moe_experts_reference, moe_experts_triton, resolve_backend
 from prophet.kernels.tuning import GemmConfig, MoEConfig
-
-from prophet.errors import KernelError
 from prophet.models.adapter import ExpertFormat, expert_forward
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

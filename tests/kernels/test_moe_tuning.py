@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from prophet.errors import ConfigError
 from prophet.kernels import tuning
 from prophet.kernels.tuning import (
     CONFIG_DIR,
@@ -19,8 +21,6 @@ from prophet.kernels.tuning import (
     load_configs,
     write_configs,
 )
-
-from prophet.errors import ConfigError
 
 CPU = torch.device("cpu")
 
