@@ -85,7 +85,7 @@ class RoutingPredictor:
         self.layer = -1  # last observed layer; -1 before the first observation of a sequence
         self.tokens = 0  # tokens begun in this sequence
         self.version = 0  # bumped by every observation, to memoize derived scores
-        self._evict_memo: tuple[int, int, np.ndarray] | None = None
+        self._evict_memo: tuple[int, dict[int, np.ndarray]] = (-1, {})  # version -> {layer: [E] scores}
         self._plans: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see `predict`
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -146,13 +146,16 @@ class RoutingPredictor:
         a layer after acquiring it, so during a demand miss that is the step being acquired, which is why a
         second occurrence (one token later) is counted too.
         """
-        memo = self._evict_memo
-        if memo is None or memo[0] != self.version or memo[1] != layer:
+        version, per_layer = self._evict_memo
+        if version != self.version:
+            per_layer = {}
+            self._evict_memo = (self.version, per_layer)
+        keep = per_layer.get(layer)
+        if keep is None:  # one scores() call per layer per observation, however many slots ask
             first = (layer - self.layer - 1) % self.num_layers + 1
             dist = first + self.num_layers * np.arange(occurrences)
-            memo = (self.version, layer, self.scores(dist).sum(axis=0))
-            self._evict_memo = memo
-        return float(memo[2][expert])
+            keep = per_layer[layer] = self.scores(dist).sum(axis=0)
+        return float(keep[expert])
 
     def policy_factory(self, base: Callable[[], EvictionPolicy] | None = None) -> Callable[[], PredictionAware]:
         """Prediction-aware eviction reading this predictor, as the ``policy`` factory `ExpertCache` takes
