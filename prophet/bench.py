@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", default=None, help="router trace to replay (default: synthetic, for the model's shape)")
     p.add_argument("--policy", default="lru,prophet", help="comma list: lru, lfu, fifo, belady, prophet")
     p.add_argument("--predictor", default=None, help="prefetch predictor (default for prophet: cooccurrence)")
-    p.add_argument("--steps", type=int, default=128, help="decode steps to replay")
+    p.add_argument("--steps", type=int, default=512, help="decode steps to replay")
     p.add_argument("--compare", action="store_true", help="add the baselines: on-demand LRU and all experts resident")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
