@@ -73,12 +73,19 @@ def fig_a_hit_rate() -> None:
 
 
 def _recall_reports() -> list[dict[str, Any]]:
-    """recall_report dicts (``predictor`` + ``distances``) from any results JSON that holds them."""
+    """recall_report dicts (``predictor`` + ``distances``) from any results JSON that holds them, and the
+    out-of-sample means of experiments/predictors/evaluate_predictors.py (``traces.<trace>.recall.<predictor>``)."""
     found = []
     for path in sorted(RESULTS.glob("*.json")):
         data = json.loads(path.read_text())
         items = data if isinstance(data, list) else data.get("reports", data.get("recall", [data]))
         found += [r for r in items if isinstance(r, dict) and "predictor" in r and "distances" in r]
+        if isinstance(data, dict) and isinstance(data.get("traces"), dict):
+            for trace, entry in data["traces"].items():
+                for name, rec in (entry.get("recall") or {}).items():
+                    first = next(iter(rec["mean"].values()))
+                    k = min(int(key.split("@")[1]) for key in first if key.startswith("recall@"))
+                    found.append({"trace": trace, "predictor": name, "ks": [k], "distances": rec["mean"]})
     return found
 
 
@@ -94,14 +101,16 @@ def fig_b_recall() -> None:
         for r in (r for r in reports if r.get("trace", "trace") == trace):
             k = r["ks"][0]
             dist = sorted(r["distances"].items(), key=lambda kv: int(kv[0]))
-            ax.plot([int(d) for d, _ in dist], [e[f"recall@{k}"] for _, e in dist], marker="o", label=r["predictor"])
-            ax.set_xticks([int(d) for d, _ in dist], [e["label"] for _, e in dist], rotation=30, fontsize=7)
+            xs = range(len(dist))  # categorical: "next token" sits L layer steps away, not at its distance
+            ax.plot(xs, [e[f"recall@{k}"] for _, e in dist], marker="o", label=r["predictor"])
+            ax.set_xticks(xs, [e["label"] for _, e in dist], rotation=30, fontsize=7)
         ax.set(title=trace, xlabel="look-ahead distance (MoE layer steps)", ylabel=f"recall@{k} (fraction)", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _save(fig, "b_recall_vs_lookahead",
           "(b) Recall of each predictor vs look-ahead distance: share of the true experts found among the top-k "
-          "predicted, batch 1, on the shared real traces (prophet.predict.evaluate.recall_report).")
+          "predicted, batch 1, on the shared real traces, fitted on some sequences and tested on the others (mean "
+          "over splits; prophet.predict.evaluate.recall_report).")
 
 
 def fig_c_dedup() -> None:
