@@ -189,3 +189,26 @@ def test_cuda_prefetch_turns_misses_into_hits():
     assert torch.equal(out.cpu(), ref)
     assert prophet.stats(oracle).total.prefetch_hits > 0
     assert prophet.stats(oracle).total.misses < prophet.stats(plain).total.misses
+
+
+def test_recorded_trace_fits_a_predictor_that_prefetches_for_the_wrapped_model(tmp_path):
+    # The whole loop on one model: record its routing, fit a predictor, run it wrapped with that predictor
+    # driving prefetch and eviction. Outputs stay exact; predicted experts arrive before they are needed.
+    from prophet.predict import CoOccurrencePredictor
+    from prophet.predict.data import as_router_trace
+    from prophet.trace import load, record
+
+    model = tiny_mixtral(seed=3, experts=8, layers=4)
+    prompts = torch.randint(0, 96, (4, 6))
+    gen = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
+    with record(model, tmp_path / "trace"):
+        ref = model.generate(prompts, **gen)
+    predictor = CoOccurrencePredictor(4, 8, 2).fit([as_router_trace(load(tmp_path / "trace"))])
+    prophet.wrap(model, device="cpu", slots_per_layer=3, predictor=predictor, policy=predictor.policy_factory())
+    outs = []
+    for row in prompts:  # batch 1, as the predictor was fitted per sequence
+        predictor.reset()
+        outs.append(model.generate(row[None], **gen)[0])
+    assert all(torch.equal(o, r) for o, r in zip(outs, ref, strict=True))
+    st = prophet.stats(model).total
+    assert st.prefetches > 0 and st.prefetch_hits > 0
