@@ -11,20 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-
-import prophet
 from prophet.errors import ProphetError, TraceError, UnsupportedModelError
 from prophet.models.registry import get_spec, list_specs
 from prophet.models.spec import ModelSpec
 from prophet.plan import DEFAULT_GPU, Plan, detect_gpu, plan
+from prophet.provenance import git_sha, versions
 
 SYNTH_SEQUENCES, SYNTH_TOKENS = 4, 128  # 512 synthetic tokens: ~1 s to generate, lanes cycle through them
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20}
@@ -128,28 +124,12 @@ def load_trace(path: str | None, spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
     return trace, info
 
 
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "prophet": prophet.__version__}
-
-
 def simulate(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: str, trace: Any,
              info: dict[str, Any]) -> dict[str, Any]:
     """Replay each policy with the plan's expert slots (one shared pool, as `prophet.wrap` builds it)."""
     from prophet.predict.data import as_router_trace
     from prophet.sim import bounds, replay, schedule
-    from prophet.sim.replay import make_predictor
+    from prophet.sim.replay import make_predictor, policy_args
 
     progress = not args.no_progress
     routes = as_router_trace(trace)
@@ -161,9 +141,7 @@ def simulate(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: s
         policies.insert(0, "lru")
     results = []
     for name in policies:
-        policy, predictor = name, args.predictor
-        if name == "prophet":
-            policy, predictor = "predicted", args.predictor or "cooccurrence"
+        policy, predictor = policy_args(name, args.predictor)
         if isinstance(predictor, str):
             predictor = make_predictor(predictor, routes, sched)
         r = replay(routes, spec, profile, policy=policy, predictor=predictor, **common)
@@ -200,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k != "no_progress"} | {"model": spec.name, "ctx": ctx}
     return {
         "tool": "prophet-bench", "mode": "simulated", "hardware": hardware, "versions": versions(),
-        "git_sha": _git_sha(), "config": config,
+        "git_sha": git_sha(), "config": config,
         "plan": memory.to_dict(),
         **sim,
     }

@@ -30,6 +30,7 @@ from prophet.models.registry import get_spec
 from prophet.plan import plan
 from prophet.predict.data import RouterTrace, as_router_trace
 from prophet.sim import bounds, expected_distinct, get_profile, replay, schedule
+from prophet.sim.replay import policy_args
 from prophet.trace import load
 from prophet.trace.synth import synthetic_trace
 
@@ -61,10 +62,9 @@ def _write(name: str, record: dict[str, Any]) -> Path:
 
 
 def _policy(name: str) -> dict[str, Any]:
-    """replay() arguments of a policy name; ``prophet`` = prediction-aware eviction + co-occurrence prefetch."""
-    if name == "prophet":
-        return {"policy": "predicted", "predictor": "cooccurrence"}
-    return {"policy": name}
+    """replay() arguments of a policy name (see `prophet.sim.replay.policy_args`)."""
+    policy, predictor = policy_args(name)
+    return {"policy": policy, "predictor": predictor}
 
 
 def capacity() -> Path:

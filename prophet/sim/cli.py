@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from prophet.errors import ConfigError
 from prophet.models.registry import get_spec, list_specs
 from prophet.models.spec import ModelSpec
 from prophet.predict.data import RouterTrace, as_router_trace
+from prophet.provenance import git_sha, versions
 from prophet.sim.hardware import get_profile, list_profiles
-from prophet.sim.replay import bounds, make_predictor, replay, schedule
+from prophet.sim.replay import bounds, make_predictor, policy_args, replay, schedule
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,14 +55,6 @@ def infer_spec(trace: RouterTrace) -> ModelSpec:
     raise ConfigError(f"no registry model has {shape} (MoE layers, experts, top-k); pass --model")
 
 
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The JSON record of one command: results per policy and the bounds beside them."""
     trace = _load_trace(args.trace)
@@ -78,11 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     common = dict(batch=args.batch, context=args.context, sched=sched, progress=args.progress, **cap)
     results = []
     for name in [p.strip() for p in args.policy.split(",") if p.strip()]:
-        policy, predictor = name, args.predictor
-        if name == "prophet":
-            policy, predictor = "predicted", args.predictor or "cooccurrence"
-        elif name == "predicted" and predictor is None:
-            predictor = "cooccurrence"
+        policy, predictor = policy_args(name, args.predictor)
         if isinstance(predictor, str):
             predictor = make_predictor(predictor, trace, sched)
         r = replay(
@@ -96,8 +79,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bounds": limits,
         "hardware": profile.to_dict(),
         "config": {k: v for k, v in vars(args).items() if k != "progress"} | {"model": spec.name, "trace_name": trace.name},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "git_sha": _git_sha(),
+        "versions": versions(),
+        "git_sha": git_sha(),
     }
 
 

@@ -119,6 +119,14 @@ class ScheduleOracle:
 
 
 # ---- predictors and policies by name -------------------------------------------------------------------
+def policy_args(name: str, predictor: str | None = None) -> tuple[str, str | None]:
+    """``(policy, predictor)`` for a policy name: ``prophet`` is prediction-aware eviction with a predictor
+    (co-occurrence unless one is named), which also drives prefetch; ``predicted`` alone gets co-occurrence."""
+    if name in ("prophet", "predicted"):
+        return "predicted", predictor or "cooccurrence"
+    return name, predictor
+
+
 def make_predictor(name: str, trace: RouterTrace, sched: Schedule) -> Any:
     """A predictor by name: ``oracle`` (perfect, from the schedule) or a `prophet.predict` predictor's ``name``,
     fitted on ``trace`` itself (optimistic: the same trace it is replayed on). ``a+b`` builds an ensemble."""
