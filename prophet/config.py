@@ -83,12 +83,10 @@ class PrefetchConfig(JsonConfig):
     enabled: bool = True
     max_inflight: int = 8  # copies queued on the side stream at once
     min_score: float = 0.0  # predictions scoring below this are dropped
-    lookahead_layers: int = 1
 
     def __post_init__(self) -> None:
         _check(self.max_inflight >= 1, f"max_inflight={self.max_inflight}: must be at least 1")
         _check(0.0 <= self.min_score <= 1.0, f"min_score={self.min_score}: must lie in [0, 1]")
-        _check(self.lookahead_layers >= 1, f"lookahead_layers={self.lookahead_layers}: must be at least 1")
 
 
 @dataclass(frozen=True)

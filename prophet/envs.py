@@ -6,6 +6,7 @@ Every other module asks this one, so the variables a user can set are listed her
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def _flag(name: str, default: bool = False) -> bool:
@@ -35,6 +36,8 @@ def kernel_config_dir() -> str | None:
     return os.environ.get("PROPHET_KERNEL_CONFIGS") or None
 
 
-def shared_traces_dir() -> str | None:
-    """``PROPHET_SHARED_TRACES``: folder of the shared real router traces (tests and experiments)."""
-    return os.environ.get("PROPHET_SHARED_TRACES") or None
+def shared_traces_dir() -> Path:
+    """``PROPHET_SHARED_TRACES``, else ``shared/traces`` beside the checkout: the real router traces that tests
+    and experiments read (never copied into the repository)."""
+    value = os.environ.get("PROPHET_SHARED_TRACES")
+    return Path(value) if value else Path(__file__).resolve().parents[2] / "shared" / "traces"

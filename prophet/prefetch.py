@@ -61,7 +61,3 @@ class Prefetcher:
                 break
             issued += 1
         return issued
-
-    def clear(self) -> None:
-        """Forget queued requests (end of a generation)."""
-        self._queue.clear()

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_traces_dir() -> Path:
-    """``../shared/traces`` beside the checkout, or ``$PROPHET_SHARED_TRACES``."""
-    env = os.environ.get("PROPHET_SHARED_TRACES")
-    return Path(env) if env else REPO.parent / "shared" / "traces"
+from prophet.envs import shared_traces_dir
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from prophet.kernels.moe import moe_experts, moe_experts_reference
 from prophet.kernels.tuning import device_name
 from prophet.models.adapter import ExpertFormat
+from prophet.provenance import git_sha
 
 REPO = Path(__file__).resolve().parents[2]
 # name: (hidden H, intermediate I, experts E, top-k)
@@ -187,15 +187,6 @@ def hbm_copy_gbps(device: torch.device) -> float:
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bench_point(

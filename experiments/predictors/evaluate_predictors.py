@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from prophet.config import PrefetchConfig
+from prophet.envs import shared_traces_dir
 from prophet.policies import LFU, LRU, Belady, EvictionPolicy, access_positions
 from prophet.predict import (
     CoOccurrencePredictor,
@@ -39,6 +38,7 @@ from prophet.predict import (
 from prophet.predict.data import RouterTrace, load
 from prophet.predict.evaluate import access_stream, recall_report, replay
 from prophet.predict.statistical import ActivationMatrixPredictor
+from prophet.provenance import git_sha
 
 REPO = Path(__file__).resolve().parents[2]
 # slots: per-layer cache sizes of the README's whole-trace table; headline: where predictors are measured.
@@ -171,16 +171,9 @@ def summed(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = Path(os.environ.get("PROPHET_SHARED_TRACES", REPO.parent / "shared" / "traces"))
+    default = shared_traces_dir()
     parser.add_argument("--traces", type=Path, default=default)
     parser.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "predictors.json")
     args = parser.parse_args()

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from prophet.envs import shared_traces_dir
 from prophet.errors import PlanError
 from prophet.models.registry import get_spec
 from prophet.plan import plan
@@ -36,7 +36,7 @@ from prophet.trace.synth import synthetic_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "results"
-TRACES = Path(os.environ.get("PROPHET_SHARED_TRACES", ROOT.parent / "shared" / "traces"))
+TRACES = shared_traces_dir()
 MIXTRAL_TRACE = "mixtral-8x7b_humaneval_decode"
 FLAME_TRACE = "flame-moe-290m_prefill"
 POLICIES = ("lru", "lfu", "belady", "prophet")
