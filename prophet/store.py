@@ -3,7 +3,8 @@
 One slab per expert means one host->device copy per expert load, the cheapest way over PCIe. Each MoE layer's
 slabs live in one tensor ``layers[l] [E, numel]`` (one pinned allocation per layer: smaller allocations pin
 reliably, and a layer can be filled and its source freed before the next one is allocated, so loading never
-holds two full copies of the experts). A slab's tensors follow `ExpertFormat.shapes` in order (w1, w2[, b1, b2]).
+holds two full copies of the experts). Pinned layers are locked at their exact size (`prophet.pinned`). A
+slab's tensors follow `ExpertFormat.shapes` in order (w1, w2[, b1, b2]).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from prophet.errors import ConfigError
 from prophet.models.adapter import ExpertFormat, MoELayer
+from prophet.pinned import pinned_empty, unregister
 
 
 def slab_views(slab: torch.Tensor, fmt: ExpertFormat) -> dict[str, torch.Tensor]:
@@ -42,14 +44,32 @@ class HostStore:
         self.num_experts = num_experts
         self.pinned = pin
         self.layers: list[torch.Tensor | None] = [None] * num_layers
+        self._registered: list[torch.Tensor] = []  # layers locked by cudaHostRegister, unlocked in close()
 
     def allocate(self, layer: int) -> torch.Tensor:
-        """``[E, numel]`` storage of ``layer``, allocated (pinned if asked) on first use."""
+        """``[E, numel]`` storage of ``layer``, allocated (pinned, at its exact size, if asked) on first use."""
         data = self.layers[layer]
         if data is None:
-            data = torch.empty((self.num_experts, self.fmt.numel), dtype=self.dtype, pin_memory=self.pinned)
+            shape = (self.num_experts, self.fmt.numel)
+            if self.pinned:
+                data, registered = pinned_empty(shape, self.dtype)
+                if registered:
+                    self._registered.append(data)
+            else:
+                data = torch.empty(shape, dtype=self.dtype)
             self.layers[layer] = data
         return data
+
+    def close(self) -> None:
+        """Unlock the registered layers (their memory stays valid until the last view of it is gone)."""
+        while self._registered:
+            unregister(self._registered.pop())
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the driver drops a dead process's registrations
+            pass
 
     @property
     def slab_bytes(self) -> int:
