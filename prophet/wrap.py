@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from prophet.cache import ExpertCache
-from prophet.config import CacheConfig, ProphetConfig
+from prophet.config import CacheConfig, PrefetchConfig, ProphetConfig
 from prophet.errors import (
     AlreadyWrappedError,
     CapacityError,
@@ -69,12 +69,13 @@ def _cache_config(config: ProphetConfig | None, policy: str, **options: Any) -> 
     return ProphetConfig(cache=CacheConfig(policy=policy, **given))
 
 
-def _kv_cache(model: nn.Module, dev: torch.device, max_context: int, batch: int, dtype: torch.dtype) -> Any:
-    """On CUDA a `StaticCache` allocated up front (fixed addresses, CUDA-graph friendly, and its memory is taken
-    before the slots); on CPU a `DynamicCache`, which grows as needed."""
+def allocate_kv_cache(model: nn.Module, dev: torch.device, max_context: int, batch: int, dtype: torch.dtype,
+                      static: bool | None = None) -> Any:
+    """A `StaticCache` allocated up front (fixed addresses, CUDA-graph friendly, and its memory is taken before
+    the slots), by default on CUDA; else a `DynamicCache`, which grows as needed."""
     from transformers import DynamicCache, StaticCache
 
-    if dev.type != "cuda":
+    if not (dev.type == "cuda" if static is None else static):
         return DynamicCache(config=model.config)
     text = model.config.get_text_config(decoder=True)
     heads = text.num_attention_heads
@@ -137,7 +138,7 @@ def wrap(
             raise ConfigError("max_context sizes the cache itself; drop config=, cache_slots, slots_per_layer and cache_bytes")
         memory_plan = _plan_for(model, layers, dtype, dev, max_context, batch, gpu)
         cache_slots = memory_plan.expert_slots
-        kv_cache = _kv_cache(model, dev, max_context, batch, dtype)
+        kv_cache = allocate_kv_cache(model, dev, max_context, batch, dtype)
     cfg = _cache_config(
         config, policy if isinstance(policy, str) else "lru",
         cache_slots=cache_slots, slots_per_layer=slots_per_layer, cache_bytes=cache_bytes,
@@ -166,8 +167,7 @@ def wrap(
     shapes = [{name: p.shape for name, p in layer.experts.named_parameters()} for layer in layers]
     store = HostStore.from_layers(layers, pin=pin, free_source=True)  # the store holds the only copy now
 
-    engine = CudaCopyEngine(dev) if dev.type == "cuda" else SyncCopyEngine()
-    cache = ExpertCache(store, dev, engine, policy_factory, cache_slots=cache_slots, slots_per_layer=slots_per_layer)
+    cache = _new_cache(store, dev, policy_factory, cache_slots, slots_per_layer)
     runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
     runtime.expert_shapes = shapes
     runtime.plan = memory_plan
@@ -177,6 +177,46 @@ def wrap(
     model.to(dev)
     setattr(model, _ATTR, runtime)
     return model
+
+
+def _new_cache(store: HostStore, dev: torch.device, policy: Callable[[], EvictionPolicy],
+               cache_slots: int | None, slots_per_layer: int | None) -> ExpertCache:
+    engine = CudaCopyEngine(dev) if dev.type == "cuda" else SyncCopyEngine()
+    return ExpertCache(store, dev, engine, policy, cache_slots=cache_slots, slots_per_layer=slots_per_layer)
+
+
+def reconfigure(
+    model: nn.Module,
+    *,
+    cache_slots: int | None = None,
+    slots_per_layer: int | None = None,
+    policy: str | Callable[[], EvictionPolicy] = "lru",
+    predictor: Predictor | None = None,
+    prefetch: PrefetchConfig | None = None,
+) -> Runtime:
+    """Give a wrapped model a new, empty expert cache (size, policy), prefetcher and predictor over the same
+    host store, so a sweep over cache settings never copies the experts again. Give exactly one of
+    ``cache_slots`` or ``slots_per_layer``; counters start from zero."""
+    runtime = runtime_of(model)
+    if (cache_slots is None) == (slots_per_layer is None):
+        raise ConfigError("reconfigure needs exactly one of cache_slots (a shared pool) or slots_per_layer")
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)  # no copy into the old pool may still be running when it is freed
+    store, total = runtime.store, runtime.store.num_layers * runtime.store.num_experts
+    factory = policy if callable(policy) else (lambda: make_policy(policy))
+    runtime.cache = None  # free the old pool's device memory before the new one is allocated
+    runtime.cache = _new_cache(
+        store, runtime.device, factory,
+        None if cache_slots is None else min(cache_slots, total),
+        None if slots_per_layer is None else min(slots_per_layer, store.num_experts),
+    )
+    runtime.prefetcher = Prefetcher(runtime.cache, prefetch or runtime.prefetcher.config)
+    runtime.predictor = predictor
+    return runtime
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return hasattr(model, _ATTR)
 
 
 def runtime_of(model: nn.Module) -> Runtime:

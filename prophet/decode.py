@@ -1,0 +1,231 @@
+"""Measured decode for `prophet-bench`: a wrapped model generating tokens on a real device, timed.
+
+Two kinds of model: a checkpoint (its own weights and routing), or random weights of a registry model's real
+shape with each MoE layer's experts forced from a router trace (`prophet.routing`): the cache sees the trace's
+routing at the real expert size, without the weights. The random model is built with no initialisation (the
+experts' memory is never touched before the host store takes it), its non-expert weights are drawn on the
+device and the store is filled in place, so the host holds one copy of the experts. A model whose experts do
+not fit in host memory runs its first layers only, and says so.
+
+`decode` runs one timed greedy decode (prefill, warm-up steps, timed steps) and returns what was measured;
+`run_policies` repeats it for each cache policy over the same store (`prophet.wrap.reconfigure`), then, when
+asked and when they fit, with every expert resident in the family's own modules (`prophet.unwrap`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from prophet.errors import CapacityError, ConfigError
+from prophet.models.adapter import MoELayer
+from prophet.models.spec import ModelSpec
+from prophet.routing import ForcedRouting
+from prophet.wrap import allocate_kv_cache, is_wrapped, reconfigure, runtime_of, unwrap, wrap
+
+HOST_FRACTION = 0.6  # share of host RAM the pinned experts of a random model may take; the rest is headroom
+INIT_STD = 0.02  # transformers' default initializer_range
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def truncate(spec: ModelSpec, layers: int) -> ModelSpec:
+    """``spec`` with only its first ``layers`` decoder layers (at least one of them MoE)."""
+    if not 1 <= layers <= spec.num_layers:
+        raise ConfigError(f"--layers {layers}: {spec.name} has {spec.num_layers} layers; give 1 to {spec.num_layers}")
+    if spec.is_encoder_decoder:
+        raise ConfigError(f"{spec.name} is an encoder-decoder model; measured decode supports decoder-only models")
+    if spec._stack_moe_layers(layers) == 0:
+        first = spec.moe_layer_indices[0] + 1
+        raise ConfigError(f"--layers {layers}: none of {spec.name}'s first {layers} layers is MoE; give at least {first}")
+    return spec if layers == spec.num_layers else dataclasses.replace(spec, num_layers=layers)
+
+
+def layers_that_fit(spec: ModelSpec, dtype: torch.dtype, host_bytes: int | None = None) -> int:
+    """The most leading layers whose experts take at most `HOST_FRACTION` of host memory (all when they fit)."""
+    budget = HOST_FRACTION * (host_bytes or host_memory_bytes())
+    per_layer = spec.all_expert_bytes(dtype) / spec.num_moe_layers
+    layers = spec.num_layers
+    while layers > 1 and spec._stack_moe_layers(layers) * per_layer > budget:
+        layers -= 1
+    return layers
+
+
+def random_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, cache_slots: int, seed: int = 0) -> nn.Module:
+    """``spec``'s model with random weights, wrapped with ``cache_slots`` expert slots on ``device``.
+
+    Weights are N(0, 0.02), norm scales 1. Built without initialisation, so the experts' pages are never
+    written before `prophet.wrap` copies them (untouched memory reads as zeros and costs no RAM); the host
+    store is then filled in place, drawn on the device when it is a GPU.
+    """
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = spec._auto_class().from_config(spec.hf_config(), dtype=dtype)
+    wrap(model.eval(), device=device, cache_slots=cache_slots)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # non-expert weights only: the experts left the model
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, INIT_STD, generator=gen)
+        store = runtime_of(model).store
+        for layer in range(store.num_layers):
+            slab = store.allocate(layer)  # [E, numel]
+            if device.type == "cpu":
+                slab.normal_(0.0, INIT_STD, generator=gen)
+                continue
+            for e in range(store.num_experts):
+                slab[e].copy_(torch.empty(slab.shape[1], dtype=dtype, device=device).normal_(0.0, INIT_STD, generator=gen))
+    return model
+
+
+def _counters(model: nn.Module) -> dict[str, float]:
+    if not is_wrapped(model):
+        return {}
+    stats = runtime_of(model).stats()
+    return {**asdict(stats.total), "stall_seconds": stats.stall_seconds}
+
+
+def decode(model: nn.Module, routing: ForcedRouting | None, *, batch: int, prompt: int, steps: int, warmup: int,
+           kv: Any = None, progress: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Greedy decode: a ``prompt``-token prefill, ``warmup`` untimed steps, then ``steps`` timed steps.
+
+    ``routing`` (when given) must hold ``prompt + warmup + steps`` positions. ``kv`` is a transformers cache to
+    reuse (reset first); by default a `DynamicCache`. Returns tokens/s, the step time, Prophet's counters over
+    the timed steps (when the model is wrapped), host->device GB/s and peak device memory.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(3, model.config.get_text_config().vocab_size, (batch, prompt), generator=gen).to(device)
+    if kv is None:
+        kv = DynamicCache(config=model.config)
+    else:
+        kv.reset()
+    if routing is not None:
+        routing.reset()
+
+    def step(tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        if routing is not None:
+            routing.begin(tokens.shape[1])
+        position = torch.arange(pos, pos + tokens.shape[1], device=device)
+        logits = model(input_ids=tokens, past_key_values=kv, cache_position=position, use_cache=True).logits
+        return logits[:, -1:].argmax(-1)  # [B, 1]
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    with torch.inference_mode():
+        token = step(ids, 0)
+        for i in range(warmup):
+            token = step(token, prompt + i)
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        before = _counters(model)
+        start = time.perf_counter()
+        for i in tqdm(range(steps), desc="decode", unit="step", disable=not progress, leave=False):
+            token = step(token, prompt + warmup + i)
+        sync()
+        seconds = time.perf_counter() - start
+    after = _counters(model)
+    out: dict[str, Any] = {
+        "tokens_per_s": batch * steps / seconds,
+        "step_ms": seconds / steps * 1e3,
+        "timed_steps": steps,
+        "peak_vram_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
+    }
+    if after:
+        delta = {k: after[k] - before[k] for k in after}
+        lookups = delta["hits"] + delta["misses"]
+        out.update(
+            hit_rate=delta["hits"] / lookups if lookups else 0.0,
+            misses_per_token=delta["misses"] / (batch * steps),
+            h2d_gb_per_s=delta["bytes_h2d"] / seconds / 1e9,
+            h2d_gb_per_token=delta["bytes_h2d"] / (batch * steps) / 1e9,
+            stall_ms_per_step=delta["stall_seconds"] / steps * 1e3,
+            prefetches=int(delta["prefetches"]),
+            wasted_prefetches=int(delta["wasted_prefetches"]),
+        )
+    return out
+
+
+@dataclasses.dataclass
+class PolicyRun:
+    """One cache setting to measure: a name, the eviction policy (a name or a factory) and an optional predictor."""
+
+    name: str
+    policy: str | Callable[[], Any]
+    predictor: Any = None
+
+
+def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting | None, *, cache_slots: int,
+                 batch: int, prompt: int, steps: int, warmup: int, kv: Any = None, resident: bool = False,
+                 progress: bool = False) -> list[dict[str, Any]]:
+    """Measure each of ``runs`` with a fresh cache of ``cache_slots`` over the same store; with ``resident``,
+    then measure the unwrapped model with every expert in its own modules (or report that they do not fit).
+    The model is left unwrapped when ``resident`` ran."""
+    layers: list[MoELayer] = runtime_of(model).layers
+    results = []
+    for run in runs:
+        reconfigure(model, cache_slots=cache_slots, policy=run.policy, predictor=run.predictor)
+        if routing is not None:
+            routing.attach(layers)
+        r = decode(model, routing, batch=batch, prompt=prompt, steps=steps, warmup=warmup, kv=kv, progress=progress)
+        results.append({"policy": run.name, "slots_total": cache_slots, **r})
+    if resident:
+        results.append(_resident(model, layers, routing, batch=batch, prompt=prompt, steps=steps, warmup=warmup,
+                                 kv=kv, progress=progress))
+    if routing is not None:
+        routing.detach()
+    return results
+
+
+def _resident(model: nn.Module, layers: list[MoELayer], routing: ForcedRouting | None, **decode_args: Any) -> dict[str, Any]:
+    """Every expert on the device in the family's own experts modules (transformers' fastest backend there)."""
+    runtime = runtime_of(model)
+    device, need = runtime.device, runtime.store.nbytes
+    reconfigure(model, cache_slots=1)  # give the slot pool's memory back first
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free * 0.95:
+            return {"policy": "all-resident", "fits": False, "tokens_per_s": None,
+                    "why": f"experts need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free on the device"}
+    try:
+        unwrap(model)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise CapacityError(f"all-resident baseline: the experts ({need / 1e9:.1f} GB) do not fit on the device") from exc
+    backend = None
+    if device.type == "cuda" and hasattr(model, "set_experts_implementation"):
+        try:
+            model.set_experts_implementation("batched_mm")  # the fastest resident backend at decode sizes (H100)
+            backend = "batched_mm"
+        except (ValueError, KeyError, AttributeError):
+            backend = None
+    if routing is not None:
+        routing.attach(layers)
+    r = decode(model, routing, **decode_args)
+    return {"policy": "all-resident", "fits": True, "hit_rate": 1.0, "experts_backend": backend or "default", **r}
+
+
+def kv_cache_for(model: nn.Module, device: torch.device, positions: int, ctx: int, batch: int, dtype: torch.dtype) -> Any:
+    """A static cache of ``ctx`` tokens per sequence on CUDA (what the plan budgeted); None on the CPU (a
+    dynamic cache per run). ``positions`` (prompt + steps) must fit in ``ctx``."""
+    if positions > ctx:
+        raise ConfigError(f"--ctx {ctx} is shorter than the {positions} positions decoded; raise --ctx or lower --steps")
+    return allocate_kv_cache(model, device, ctx, batch, dtype) if device.type == "cuda" else None

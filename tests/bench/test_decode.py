@@ -1,0 +1,186 @@
+"""Measured decode (`prophet.decode`, `prophet.routing`): forced routing plays the trace exactly, a wrapped and
+an unwrapped model see the same routing, and the real cache's counters equal the simulator's for the same rows."""
+
+import numpy as np
+import pytest
+import torch
+
+import prophet
+from prophet import decode as dec
+from prophet.errors import ConfigError, TraceError, UnsupportedModelError
+from prophet.models import get_spec
+from prophet.models.adapter import moe_layers
+from prophet.predict.data import as_router_trace
+from prophet.routing import ForcedRouting
+from prophet.sim import replay, schedule
+from prophet.trace.synth import synthetic_trace
+from prophet.wrap import is_wrapped, reconfigure, runtime_of
+
+SPEC = get_spec("mixtral").tiny()  # 2 MoE layers x 8 experts, top-2
+
+
+def routes(seed: int = 0, tokens: int = 64):
+    trace = synthetic_trace(SPEC.num_moe_layers, SPEC.num_experts, SPEC.top_k, num_sequences=2,
+                            tokens_per_sequence=tokens, seed=seed, progress=False)
+    return as_router_trace(trace)
+
+
+def record_indices(model) -> list[list[torch.Tensor]]:
+    """Capture each MoE layer's top_k_index as the experts module receives it (after the forcing hook)."""
+    seen = [[] for _ in runtime_or_layers(model)]
+    for i, layer in enumerate(runtime_or_layers(model)):
+        module = getattr(layer.parent, layer.attr)
+        module.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[1].clone()))
+    return seen
+
+
+def runtime_or_layers(model):
+    return runtime_of(model).layers if is_wrapped(model) else moe_layers(model)
+
+
+def test_experts_receive_the_trace_rows_of_each_lane_and_position():
+    r = routes()
+    rows = np.array([[5, 40], [6, 41], [7, 42]])  # [S=3 positions, B=2 lanes]
+    model = SPEC.tiny_model(seed=1)
+    routing = ForcedRouting(r.experts, rows, "cpu").attach(moe_layers(model))
+    seen = record_indices(model)
+    with torch.no_grad():
+        routing.begin(2)  # a 2-token prompt per lane: tokens (b0,p0) (b0,p1) (b1,p0) (b1,p1)
+        model(torch.randint(3, 100, (2, 2)))
+    for layer in range(SPEC.num_moe_layers):
+        expected = r.experts[[5, 6, 40, 41], layer]
+        assert np.array_equal(seen[layer][0].numpy(), expected)
+    routing.begin(1)
+    with pytest.raises(TraceError, match="3 positions"):
+        routing.begin(1)
+
+
+def test_wrapped_and_unwrapped_models_decode_identically_under_forced_routing():
+    r = routes(seed=2)
+    model = SPEC.tiny_model(seed=3)
+    sched = schedule(r, batch=2, steps=1 + 2 + 6)
+    routing = ForcedRouting(r.experts, sched.rows, "cpu")
+    kwargs = dict(batch=2, prompt=1, steps=6, warmup=2)
+
+    def tokens(m):
+        routing.attach(runtime_or_layers(m))
+        out = []
+        hook = m.lm_head.register_forward_hook(lambda mod, a, o: out.append(o[:, -1].argmax(-1)))
+        dec.decode(m, routing, **kwargs)
+        hook.remove()
+        routing.detach()
+        return torch.stack(out)
+
+    ref = tokens(model)
+    prophet.wrap(model, device="cpu", cache_slots=3)
+    assert torch.equal(tokens(model), ref)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_real_cache_counts_equal_the_simulators_for_the_same_rows(batch, policy):
+    r = routes(seed=4)
+    steps, slots = 24, 5
+    sched = schedule(r, batch, steps)
+    model = dec.random_model(SPEC, torch.float32, torch.device("cpu"), cache_slots=slots)
+    routing = ForcedRouting(r.experts, sched.rows, "cpu")
+    dec.run_policies(model, [dec.PolicyRun(policy, policy)], routing, cache_slots=slots, batch=batch, prompt=1,
+                     steps=steps - 1, warmup=0)
+    real = prophet.stats(model).total
+    sim = replay(r, SPEC, "h100-sxm", policy=policy, cache_slots=slots, batch=batch, sched=sched)
+    assert (real.hits, real.misses) == (sim.hits, sim.misses)
+    assert real.misses > 0 and real.hits > 0
+
+
+def test_decode_reports_the_timed_window_only():
+    r = routes(seed=5)
+    sched = schedule(r, 1, 16 + 8 + 4)
+    model = dec.random_model(SPEC, torch.float32, torch.device("cpu"), cache_slots=4)
+    routing = ForcedRouting(r.experts, sched.rows, "cpu").attach(runtime_of(model).layers)
+    out = dec.decode(model, routing, batch=1, prompt=16, steps=4, warmup=8)
+    assert out["timed_steps"] == 4 and out["tokens_per_s"] > 0 and out["peak_vram_gb"] is None
+    total = prophet.stats(model).total
+    assert 0 < out["misses_per_token"] * 4 < total.misses  # prefill and warm-up misses are not in the window
+    slab = runtime_of(model).store.slab_bytes
+    assert out["h2d_gb_per_token"] == pytest.approx(out["misses_per_token"] * slab / 1e9)
+
+
+def test_random_model_has_drawn_weights_and_a_filled_store():
+    model = dec.random_model(SPEC, torch.float32, torch.device("cpu"), cache_slots=4, seed=7)
+    store = runtime_of(model).store
+    experts = torch.stack([store.allocate(layer) for layer in range(store.num_layers)])
+    assert experts.std().item() == pytest.approx(dec.INIT_STD, rel=0.05)
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(torch.all(p == 1) for p in norms)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(3, 100, (1, 5))).logits).all()
+
+
+def test_reconfigure_swaps_the_cache_and_keeps_outputs():
+    model = SPEC.tiny_model(seed=8)
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+        prophet.wrap(model, device="cpu", cache_slots=16)
+        model(ids)
+        runtime = reconfigure(model, slots_per_layer=2, policy="lfu")
+        assert runtime.cache.num_slots == 2 * SPEC.num_moe_layers and prophet.stats(model).total.hits == 0
+        assert torch.allclose(model(ids).logits, ref, atol=1e-5)
+    with pytest.raises(ConfigError, match="exactly one"):
+        reconfigure(model)
+
+
+def test_forced_routing_refuses_mismatches():
+    r = routes()
+    model = SPEC.tiny_model()
+    layers = moe_layers(model)
+    top1 = ForcedRouting(r.experts[:, :, :1], np.zeros((4, 1), dtype=np.int64), "cpu").attach(layers)
+    top1.begin(1)
+    with pytest.raises(TraceError, match="top-k"), torch.no_grad():
+        model(torch.randint(3, 100, (1, 1)))
+    top1.detach()
+    with pytest.raises(TraceError, match="MoE layers"):
+        ForcedRouting(r.experts[:, :1], np.zeros((4, 1), dtype=np.int64), "cpu").attach(layers)
+    holes = r.experts.copy()
+    holes[0, 0, 0] = -1
+    with pytest.raises(TraceError, match="unrecorded"):
+        ForcedRouting(holes, np.zeros((4, 1), dtype=np.int64), "cpu")
+    dbrx = get_spec("dbrx").tiny_model()
+    with pytest.raises(UnsupportedModelError, match="forced routing"):
+        ForcedRouting(r.experts, np.zeros((4, 1), dtype=np.int64), "cpu").attach(moe_layers(dbrx))
+
+
+def test_layers_are_cut_to_what_host_memory_holds():
+    spec = get_spec("mixtral")
+    per_layer = spec.all_expert_bytes(torch.bfloat16) / spec.num_moe_layers
+    host = 64 << 30
+    layers = dec.layers_that_fit(spec, torch.bfloat16, host_bytes=host)
+    assert layers * per_layer <= dec.HOST_FRACTION * host < (layers + 1) * per_layer
+    assert dec.layers_that_fit(spec, torch.bfloat16, host_bytes=1 << 50) == spec.num_layers
+    assert dec.truncate(spec, 3).num_moe_layers == 3
+    lite = get_spec("deepseek-v2-lite")  # layer 0 is dense
+    with pytest.raises(ConfigError, match="give at least 2"):
+        dec.truncate(lite, 1)
+    with pytest.raises(ConfigError, match="give 1 to 32"):
+        dec.truncate(spec, 33)
+
+
+def test_decode_into_a_static_cache_matches_a_dynamic_one():
+    """The GPU path preallocates a StaticCache of the planned context; positions must line up with it."""
+    from prophet.wrap import allocate_kv_cache
+
+    r = routes(seed=6)
+    sched = schedule(r, 2, 4 + 1 + 5)
+    routing = ForcedRouting(r.experts, sched.rows, "cpu")
+    model = SPEC.tiny_model(seed=9)
+    routing.attach(moe_layers(model))
+    logits = []
+    model.lm_head.register_forward_hook(lambda mod, a, o: logits.append(o[:, -1]))
+    kwargs = dict(batch=2, prompt=4, steps=5, warmup=1)
+    dec.decode(model, routing, **kwargs)
+    dynamic, logits[:] = list(logits), []
+    kv = allocate_kv_cache(model, torch.device("cpu"), 64, 2, torch.float32, static=True)
+    for _ in range(2):  # the second run resets the cache first
+        dec.decode(model, routing, kv=kv, **kwargs)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(logits, dynamic, strict=True))
+        logits[:] = []
