@@ -1,9 +1,13 @@
 """``prophet-bench``: plan the GPU memory for a model and context, then measure (or simulate) decode speed.
 
-Without a GPU (and, for now, with one: real decode is not implemented yet) it prints the memory plan, replays a
-router trace through `prophet.sim` with the plan's expert slots, and prints tokens/s for each policy beside the
-bounds. The default trace is a synthetic one for the model's shape (`prophet.trace.synth`), so the command runs
-on a fresh machine. The last stdout line is one JSON record; bad input exits 2 with one line on stderr.
+Both modes print the memory plan first. On a GPU it measures decode (`prophet.decode`): a checkpoint's own
+weights and routing (``--weights real``), or random weights of the model's real shape with routing forced from
+a trace (``--weights random``), with the plan's share of expert slots; it reports tokens/s, hit rate,
+host->device GB/s and peak VRAM per policy, the simulator's estimate for the same run, and the bounds. Without
+a GPU (or with ``--simulate``) it replays the trace through `prophet.sim` instead. ``--device cpu`` measures on
+the CPU (for small models and for checking the harness). The default trace is a synthetic one for the model's
+shape (`prophet.trace.synth`), so the command runs on a fresh machine. The last stdout line is one JSON record;
+bad input exits 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from prophet.plan import DEFAULT_GPU, Plan, detect_gpu, plan
 from prophet.provenance import git_sha, versions
 
 SYNTH_SEQUENCES, SYNTH_TOKENS = 4, 128  # 512 synthetic tokens: ~1 s to generate, lanes cycle through them
+PROMPT_TOKENS = 16  # prefill length of a measured decode; its routing is the trace rows before the decode's
+TINY_SUFFIX = "-tiny"  # --model mixtral-tiny: the registry model's toy-sized twin (ModelSpec.tiny)
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20}
 
 
@@ -49,27 +55,39 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=parse_tokens, default=None, help="context per sequence: 32768, 128k, 1m (default: trained)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--gpu", default=None, help=f"hardware profile (default: the detected GPU, else {DEFAULT_GPU})")
-    p.add_argument("--weights", choices=("real", "random"), default="random", help="GPU decode only: checkpoint or random weights")
+    p.add_argument("--weights", choices=("real", "random"), default="random",
+                   help="measured decode: the checkpoint's weights (--model is a checkpoint dir) or random weights")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="measure decode here (auto: on the GPU when there is one, else simulate)")
+    p.add_argument("--simulate", action="store_true", help="replay in the simulator even when a GPU is present")
+    p.add_argument("--layers", type=int, default=None,
+                   help="random weights: build the first N layers only (default: all whose experts fit in host RAM)")
+    p.add_argument("--slots", type=int, default=None, help="expert slots for the whole model, instead of the plan's")
     p.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp16 or fp8")
     p.add_argument("--trace", default=None, help="router trace to replay (default: synthetic, for the model's shape)")
     p.add_argument("--policy", default="lru,prophet", help="comma list: lru, lfu, fifo, belady, prophet")
     p.add_argument("--predictor", default=None, help="prefetch predictor (default for prophet: cooccurrence)")
-    p.add_argument("--steps", type=int, default=512, help="decode steps to replay")
+    p.add_argument("--steps", type=int, default=512, help="decode steps to replay or time")
+    p.add_argument("--warmup", type=int, default=16, help="measured decode: untimed steps after the prefill")
     p.add_argument("--compare", action="store_true", help="add the baselines: on-demand LRU and all experts resident")
+    p.add_argument("--out", default=None, help="also write the JSON record to this file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
 
 def resolve_model(name: str) -> ModelSpec:
-    """A registry spec by alias, or the one whose shape matches a local checkpoint's ``config.json``."""
+    """A registry spec by alias (``<alias>-tiny`` for its toy twin), or the one whose shape matches a local
+    checkpoint's ``config.json``."""
     path = Path(name)
     if not path.is_dir():
+        if name.lower().endswith(TINY_SUFFIX):
+            return get_spec(name[: -len(TINY_SUFFIX)]).tiny()
         return get_spec(name)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UnsupportedModelError(f"--model {name}: the folder has no config.json; give a checkpoint dir or a registry alias")
     cfg = json.loads(config_file.read_text())
-    for spec in list_specs():
+    for spec in [*list_specs(), *(s.tiny() for s in list_specs())]:
         ref = spec.hf_config().to_dict()
         keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
         if all(cfg.get(k) == ref.get(k) for k in keys if k in ref):
@@ -97,13 +115,13 @@ def _profile_name(gpu: str | None) -> tuple[str, int | None, str | None]:
     return DEFAULT_GPU, total, name
 
 
-def load_trace(path: str | None, spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
+def load_trace(path: str | None, spec: ModelSpec, progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """The trace to replay and a description naming it and its origin; refuses one of another shape."""
     if path is None:
         from prophet.trace.synth import synthetic_trace
 
         trace = synthetic_trace(spec.num_moe_layers, spec.num_experts, spec.top_k,
-                                num_sequences=SYNTH_SEQUENCES, tokens_per_sequence=SYNTH_TOKENS)
+                                num_sequences=SYNTH_SEQUENCES, tokens_per_sequence=SYNTH_TOKENS, progress=progress)
         origin = f"synthetic (prophet.trace.synth for {spec.num_moe_layers} layers x {spec.num_experts} experts, top-{spec.top_k}, seed 0)"
         name = trace.model.name
     else:
@@ -134,19 +152,16 @@ def simulate(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: s
     progress = not args.no_progress
     routes = as_router_trace(trace)
     sched = schedule(routes, args.batch, args.steps)
-    common = {"cache_slots": memory.expert_slots, "batch": args.batch, "context": memory.ctx,
-              "sched": sched, "progress": progress}
-    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    if args.compare and "lru" not in policies:
-        policies.insert(0, "lru")
+    slots = _slots(args, memory)
+    common = {"cache_slots": slots, "batch": args.batch, "context": memory.ctx, "sched": sched, "progress": progress}
     results = []
-    for name in policies:
+    for name in _policies(args):
         policy, predictor = policy_args(name, args.predictor)
         if isinstance(predictor, str):
             predictor = make_predictor(predictor, routes, sched)
         r = replay(routes, spec, profile, policy=policy, predictor=predictor, **common)
         results.append({**r.to_dict(), "policy": name})
-    limits = bounds(spec, profile, args.batch, trace=routes, cache_slots=memory.expert_slots,
+    limits = bounds(spec, profile, args.batch, trace=routes, cache_slots=slots,
                     context=memory.ctx, sched=sched, progress=progress)
     if args.compare:
         resident = limits["all_resident"]
@@ -155,46 +170,186 @@ def simulate(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: s
     return {"trace": info, "results": results, "bounds": limits}
 
 
+def _decode_device(args: argparse.Namespace) -> Any:
+    """Where to measure decode, or None to simulate."""
+    import torch
+
+    if args.simulate:
+        return None
+    if args.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if args.device == "cuda":
+            raise _UsageError("--device cuda: no CUDA device here; leave --device out to simulate, or use --device cpu")
+        return None
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Plan, then simulate; returns the JSON record (and prints the human-readable report to stderr)."""
+    """Plan, then measure or simulate; returns the JSON record (and prints the human-readable report to stderr)."""
     from prophet.sim import get_profile
 
     spec = resolve_model(args.model)
-    if args.batch < 1 or args.steps < 1:
-        raise _UsageError(f"--batch {args.batch} --steps {args.steps}: both must be at least 1")
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        raise _UsageError(f"--batch {args.batch} --steps {args.steps} --warmup {args.warmup}: batch and steps must be "
+                          "at least 1, warmup at least 0")
+    if args.slots is not None and args.slots < 1:
+        raise _UsageError(f"--slots {args.slots}: give at least 1 expert slot")
+    device = _decode_device(args)
+    if device is None and args.weights == "real":
+        raise _UsageError("--weights real runs the checkpoint on a device; add --device cpu, or run where there is a GPU")
     profile, device_bytes, detected = _profile_name(args.gpu)
     hardware = get_profile(profile).to_dict()
     ctx = args.ctx or spec.context_length
     memory = plan(spec, device_bytes or profile, ctx, args.batch, kv_dtype=args.kv_dtype)
-    trace, info = load_trace(args.trace, spec)  # all input checked before any output: an error is one line
+    if args.weights == "real" and args.trace is not None:
+        raise _UsageError("--trace forces routing of random weights; with --weights real the model routes itself")
+    trace, info = (None, None) if args.weights == "real" else load_trace(args.trace, spec, not args.no_progress)
     if detected:
         memory = dataclasses.replace(memory, gpu=detected)
         hardware["detected"] = detected
-        print("prophet-bench: real decode on the GPU is not implemented yet; simulating with the "
-              f"{profile} profile instead", file=sys.stderr)
     print(memory.table(), file=sys.stderr)
-    sim = simulate(args, spec, memory, profile, trace, info)
-    _report(sim, file=sys.stderr)
-    config = {k: v for k, v in vars(args).items() if k != "no_progress"} | {"model": spec.name, "ctx": ctx}
-    return {
-        "tool": "prophet-bench", "mode": "simulated", "hardware": hardware, "versions": versions(),
-        "git_sha": git_sha(), "config": config,
-        "plan": memory.to_dict(),
-        **sim,
+    config = {k: v for k, v in vars(args).items() if k not in ("no_progress", "out")} | {"model": spec.name, "ctx": ctx}
+    record: dict[str, Any] = {
+        "tool": "prophet-bench", "mode": "simulated" if device is None else "measured", "hardware": hardware,
+        "versions": versions(), "git_sha": git_sha(), "config": config, "plan": memory.to_dict(),
     }
+    if device is None:
+        sim = simulate(args, spec, memory, profile, trace, info)
+    else:
+        sim = measure(args, spec, memory, profile, trace, info, device)
+        record["device"] = _device_name(device)
+    _report(sim, file=sys.stderr)
+    return record | sim
+
+
+def _device_name(device: Any) -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _slots(args: argparse.Namespace, memory: Plan) -> int:
+    """Expert slots of the whole model: ``--slots`` when given, else the plan's."""
+    return min(args.slots, memory.total_experts) if args.slots is not None else memory.expert_slots
+
+
+def _policies(args: argparse.Namespace) -> list[str]:
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    if args.compare and "lru" not in policies:
+        policies.insert(0, "lru")
+    return policies
+
+
+def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: str, trace: Any,
+            info: dict[str, Any] | None, device: Any) -> dict[str, Any]:
+    """Decode on ``device`` for each policy (and the baselines with ``--compare``), beside the simulator's
+    estimate of the same run and the bounds. Random weights run the first ``--layers`` layers (default: as many
+    as host memory holds) with the plan's share of slots; a checkpoint runs whole with the plan's slots."""
+    import torch
+
+    from prophet import decode as dec
+    from prophet.load import load
+    from prophet.policies import PredictionAware
+    from prophet.predict.data import as_router_trace
+    from prophet.sim import bounds, replay, schedule
+    from prophet.sim.replay import make_predictor, policy_args
+
+    progress = not args.no_progress
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU kernels run fp32 fastest
+    policies = _policies(args)
+    for name in policies:
+        policy, predictor = policy_args(name, args.predictor)
+        if policy == "belady" or predictor == "oracle":
+            raise _UsageError(f"--policy {name}: {policy if policy == 'belady' else 'the oracle'} needs the future, "
+                              "which a measured decode does not have; use --simulate for it")
+    warmup, steps = args.warmup, args.steps
+    positions = PROMPT_TOKENS + warmup + steps
+    if args.weights == "real":
+        if args.layers is not None:
+            raise _UsageError("--layers applies to --weights random; a checkpoint runs whole")
+        spec_run, slots, routes, routing, sched = spec, _slots(args, memory), None, None, None
+        model = load(args.model, dtype=dtype, device=device, cache_slots=slots)
+        why = "checkpoint weights, the model's own routing"
+    else:
+        layers = args.layers or dec.layers_that_fit(spec, torch.bfloat16)
+        spec_run = dec.truncate(spec, layers)
+        moe = spec_run.num_moe_layers
+        slots = max(1, round(_slots(args, memory) * moe / spec.num_moe_layers))
+        full = as_router_trace(trace)
+        routes = dataclasses.replace(full, experts=full.experts[:, :moe], weights=full.weights[:, :moe],
+                                     exact=full.exact[:, :moe], hidden=None)
+        sched = schedule(routes, args.batch, positions)
+        routing = dec.ForcedRouting(routes.experts, sched.rows, device)
+        if layers < spec.num_layers:
+            why = ("--layers" if args.layers else f"host memory: {spec.num_layers} layers' experts exceed "
+                   f"{dec.HOST_FRACTION:.0%} of {dec.host_memory_bytes() / 2**30:.0f} GiB")
+            print(f"prophet-bench: running {layers} of {spec.num_layers} layers ({why}), {slots} of "
+                  f"{moe * spec.num_experts} expert slots (the plan's {memory.slots_share:.1%})", file=sys.stderr)
+        else:
+            why = "all layers"
+        print("prophet-bench: building the random-weight model", file=sys.stderr)
+        model = dec.random_model(spec_run, dtype, device, slots)
+    kv = dec.kv_cache_for(model, device, positions, memory.ctx, args.batch, dtype)
+    runs = []
+    for name in policies:
+        policy, predictor_name = policy_args(name, args.predictor)
+        if predictor_name is None:
+            runs.append(dec.PolicyRun(name, policy))
+            continue
+        if routes is None:
+            print(f"prophet-bench: skipping --policy {name}: its predictor is fitted on a trace, and real weights "
+                  "run without one", file=sys.stderr)
+            continue
+        predictor = make_predictor(predictor_name, routes, sched)  # fitted on the replayed trace (optimistic)
+        factory = (lambda p=predictor: PredictionAware(p.eviction_score)) if policy == "predicted" else policy
+        runs.append(dec.PolicyRun(name, factory, predictor))
+    results = dec.run_policies(model, runs, routing, cache_slots=slots, batch=args.batch, prompt=PROMPT_TOKENS,
+                               steps=steps, warmup=warmup, kv=kv, resident=args.compare, progress=progress)
+    out: dict[str, Any] = {"trace": info, "results": results,
+                           "model_run": {"layers": spec_run.num_layers, "of": spec.num_layers,
+                                         "moe_layers": spec_run.num_moe_layers, "slots": slots,
+                                         "weights": args.weights, "dtype": str(dtype).removeprefix("torch."),
+                                         "why": why, "prompt_tokens": PROMPT_TOKENS, "warmup_steps": warmup}}
+    if routes is not None:  # the simulator's estimate of the very same rows, for checking the cost model
+        for r in results:
+            if r["policy"] == "all-resident":
+                continue
+            policy, predictor_name = policy_args(r["policy"], args.predictor)
+            predictor = make_predictor(predictor_name, routes, sched) if predictor_name else None
+            sim = replay(routes, spec_run, profile, policy=policy, predictor=predictor, cache_slots=slots,
+                         batch=args.batch, context=memory.ctx, sched=sched, progress=False)
+            r["sim_tokens_per_s"], r["sim_hit_rate"] = sim.tokens_per_s, sim.hit_rate
+    out["bounds"] = bounds(spec_run, profile, args.batch, trace=routes, cache_slots=slots if routes else None,
+                           context=memory.ctx, sched=sched, progress=progress)
+    return out
 
 
 def _report(sim: dict[str, Any], file: Any) -> None:
     t, b = sim["trace"], sim["bounds"]
-    print(f"trace: {t['name']} ({t['tokens']} tokens), {t['origin']}", file=file)
+    if t is not None:
+        print(f"trace: {t['name']} ({t['tokens']} tokens), {t['origin']}", file=file)
     oracle = b.get("oracle", {}).get("tokens_per_s")
     print(f"bounds tok/s: all-resident {b['all_resident']['tokens_per_s']:.2f} "
           f"(fits: {b['all_resident']['fits']}), all-miss {b['all_miss']['tokens_per_s']:.2f}"
           + (f", oracle {oracle:.2f}" if oracle is not None else ""), file=file)
+    if "model_run" in sim:
+        m = sim["model_run"]
+        print(f"measured on {m['layers']} of {m['of']} layers ({m['why']}), {m['slots']} expert slots; bounds are "
+              "the simulator's for those layers", file=file)
     measured = [r for r in sim["results"] if r.get("tokens_per_s") is not None]
     for r in sim["results"]:
         speed = f"{r['tokens_per_s']:.2f} tok/s" if r.get("tokens_per_s") is not None else "does not fit"
-        print(f"{r['policy']:>12}: hit {r['hit_rate']:.3f}  {speed}", file=file)
+        line = f"{r['policy']:>12}: hit {r['hit_rate']:.3f}  {speed}" if "hit_rate" in r else f"{r['policy']:>12}: {speed}"
+        if r.get("h2d_gb_per_s") is not None:
+            line += f"  h2d {r['h2d_gb_per_s']:.1f} GB/s"
+        if r.get("peak_vram_gb") is not None:
+            line += f"  peak VRAM {r['peak_vram_gb']:.1f} GB"
+        if r.get("sim_tokens_per_s") is not None:
+            line += f"  (simulated: hit {r['sim_hit_rate']:.3f}, {r['sim_tokens_per_s']:.2f} tok/s)"
+        print(line, file=file)
     lru = next((r for r in measured if r["policy"] == "lru"), None)
     others = [r for r in measured if r["policy"] not in ("lru", "all-resident")]
     if lru and others:
@@ -206,11 +361,16 @@ def _report(sim: dict[str, Any], file: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prophet-bench`` console script: 0 on success, 2 on bad input (one line on stderr)."""
     try:
-        record = run(parser().parse_args(argv))
+        args = parser().parse_args(argv)
+        record = run(args)
     except ProphetError as exc:
         print(f"prophet-bench: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(record))
+    line = json.dumps(record)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(line + "\n")
+    print(line)
     return 0
 
 

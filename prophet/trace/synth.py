@@ -514,10 +514,11 @@ def synthetic_trace(
     num_sequences: int = 1,
     tokens_per_sequence: int | list[int] = 256,
     seed: int = 0,
+    progress: bool = True,
 ) -> Trace:
     """A trace for a model of this shape with no recording (what ``prophet-bench`` replays on a fresh machine)."""
     params = for_shape(num_layers, num_experts, top_k, seed=seed)
-    return generate(params, num_sequences, tokens_per_sequence, seed=seed)
+    return generate(params, num_sequences, tokens_per_sequence, seed=seed, progress=progress)
 
 
 # -- validation --------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from prophet.models import get_spec
 pytest.importorskip("prophet.sim.replay", reason="prophet.sim (issue 6) is not in this checkout yet")
 pytest.importorskip("prophet.trace.synth", reason="prophet.trace's synthetic generator is not in this checkout yet")
 
-FAST = ["--steps", "8", "--no-progress"]
+FAST = ["--steps", "8", "--no-progress", "--simulate"]  # simulated even where a GPU is present
+MEASURE = ["--device", "cpu", "--steps", "6", "--warmup", "2", "--no-progress"]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -97,5 +98,85 @@ def test_model_from_a_checkpoint_config_matches_the_registry(tmp_path):
     get_spec("mixtral").hf_config().save_pretrained(tmp_path)
     assert resolve_model(str(tmp_path)).name == "Mixtral-8x7B"
     get_spec("mixtral").tiny().hf_config().save_pretrained(tmp_path)
+    assert resolve_model(str(tmp_path)).name == "Mixtral-8x7B-tiny"
+    config = get_spec("mixtral").tiny().hf_config()
+    config.hidden_size = 48
+    config.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="no registry model has this config's shape"):
         resolve_model(str(tmp_path))
+
+
+def test_tiny_suffix_names_the_toy_twin():
+    assert resolve_model("olmoe-tiny") == get_spec("olmoe").tiny()
+
+
+def test_measured_decode_on_the_cpu_reports_each_policy_beside_the_simulator(capsys, tmp_path):
+    out_file = tmp_path / "result.json"
+    code, out, err = run(capsys, "--model", "mixtral-tiny", "--slots", "6", "--compare", "--out", str(out_file), *MEASURE)
+    assert code == 0
+    record = json.loads(out.strip().splitlines()[-1])
+    assert json.loads(out_file.read_text()) == record
+    assert record["mode"] == "measured" and record["device"].startswith("cpu")
+    assert record["model_run"] == {"layers": 2, "of": 2, "moe_layers": 2, "slots": 6, "weights": "random",
+                                   "dtype": "float32", "why": "all layers", "prompt_tokens": 16, "warmup_steps": 2}
+    by_policy = {r["policy"]: r for r in record["results"]}
+    assert list(by_policy) == ["lru", "prophet", "all-resident"]
+    for name in ("lru", "prophet"):
+        r = by_policy[name]
+        assert 0 < r["hit_rate"] < 1 and 0 < r["sim_hit_rate"] < 1 and r["tokens_per_s"] > 0 and r["slots_total"] == 6
+        assert r["h2d_gb_per_token"] > 0 and r["timed_steps"] == 6
+    assert by_policy["prophet"]["prefetches"] > 0 and by_policy["lru"]["prefetches"] == 0
+    assert by_policy["all-resident"]["fits"] and by_policy["all-resident"]["tokens_per_s"] > 0
+    assert record["bounds"]["oracle"]["hit_rate"] > 0
+    assert "measured on 2 of 2 layers" in err and "simulated: hit" in err
+
+
+def test_random_weights_run_the_first_layers_with_the_plans_share_of_slots(capsys):
+    code, out, err = run(capsys, "--model", "qwen3-moe-tiny", "--layers", "1", "--slots", "24", "--policy", "lru",
+                         *MEASURE)
+    record = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and record["model_run"]["layers"] == 1 and record["model_run"]["why"] == "--layers"
+    assert record["model_run"]["slots"] == 12  # 24 slots for 2 MoE layers -> 12 for the 1 that runs
+    assert "running 1 of 2 layers (--layers), 12 of 32 expert slots" in err
+    assert record["results"][0]["hit_rate"] > 0
+
+
+def test_real_weights_from_a_checkpoint_route_themselves(capsys, tmp_path):
+    get_spec("olmoe").tiny_model(seed=3).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "--model", str(tmp_path), "--weights", "real", "--slots", "20", "--compare", *MEASURE)
+    record = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and record["trace"] is None and record["model_run"]["weights"] == "real"
+    assert [r["policy"] for r in record["results"]] == ["lru", "all-resident"]  # prophet needs a trace to fit on
+    assert 0 < record["results"][0]["hit_rate"] < 1
+    assert "skipping --policy prophet" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fix"),
+    [
+        (["--policy", "belady"], "use --simulate for it"),
+        (["--policy", "prophet", "--predictor", "oracle"], "use --simulate for it"),
+        (["--weights", "real"], "--layers applies to --weights random"),
+        (["--layers", "5"], "give 1 to 2"),
+        (["--trace", "x", "--weights", "real"], "with --weights real the model routes itself"),
+    ],
+)
+def test_bad_measured_input_is_one_line_and_exit_code_2(capsys, argv, fix):
+    extra = ["--layers", "1"] if argv == ["--weights", "real"] else []
+    code, out, err = run(capsys, "--model", "mixtral-tiny", *argv, *extra, *MEASURE)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and lines[-1].startswith("prophet-bench: error: ") and fix in lines[-1]
+
+
+def test_real_weights_need_a_device(capsys):
+    code, _, err = run(capsys, "--model", "mixtral-tiny", "--weights", "real", "--simulate")
+    assert code == 2 and "--weights real runs the checkpoint on a device" in err
+
+
+def test_device_cuda_without_a_gpu_is_refused(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, _, err = run(capsys, "--model", "mixtral-tiny", "--device", "cuda")
+    assert code == 2 and "no CUDA device here" in err
