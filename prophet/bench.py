@@ -314,14 +314,21 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
                                          "weights": args.weights, "dtype": str(dtype).removeprefix("torch."),
                                          "why": why, "prompt_tokens": PROMPT_TOKENS, "warmup_steps": warmup}}
     if routes is not None:  # the simulator's estimate of the very same rows, for checking the cost model
+        head = schedule(routes, args.batch, PROMPT_TOKENS + warmup)  # the untimed prefix of the same rows
         for r in results:
             if r["policy"] == "all-resident":
                 continue
             policy, predictor_name = policy_args(r["policy"], args.predictor)
-            predictor = make_predictor(predictor_name, routes, sched) if predictor_name else None
-            sim = replay(routes, spec_run, profile, policy=policy, predictor=predictor, cache_slots=slots,
-                         batch=args.batch, context=memory.ctx, sched=sched, progress=False)
-            r["sim_tokens_per_s"], r["sim_hit_rate"] = sim.tokens_per_s, sim.hit_rate
+            whole, prefix = (
+                replay(routes, spec_run, profile, policy=policy, cache_slots=slots, batch=args.batch,
+                       context=memory.ctx, sched=s, progress=False,
+                       predictor=make_predictor(predictor_name, routes, sched) if predictor_name else None)
+                for s in (sched, head)
+            )
+            hits, misses = whole.hits - prefix.hits, whole.misses - prefix.misses  # the timed window only
+            seconds = whole.step_s * whole.steps - prefix.step_s * prefix.steps
+            r["sim_tokens_per_s"] = args.batch * steps / seconds
+            r["sim_hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
     out["bounds"] = bounds(spec_run, profile, args.batch, trace=routes, cache_slots=slots if routes else None,
                            context=memory.ctx, sched=sched, progress=progress)
     return out

@@ -4,7 +4,7 @@ A model with random weights routes near-uniformly, which makes an expert cache l
 each layer's choice from a real trace gives realistic caching (the trace's popularity, reuse and co-occurrence)
 without the real weights: the experts module of every MoE layer gets a forward pre-hook that replaces its
 ``top_k_index`` argument with the trace's ids for the tokens of the current forward. The router's own weights are
-kept. The hooks sit on whatever module is the layer's experts when `attach` runs (the family's own, or Prophet's
+kept, and so is its choice wherever the trace recorded none (id -1). The hooks sit on whatever module is the layer's experts when `attach` runs (the family's own, or Prophet's
 `OffloadedExperts`), so a wrapped and an unwrapped model replay identical routing.
 """
 
@@ -23,7 +23,8 @@ from prophet.models.adapter import MoELayer
 class ForcedRouting:
     """The routing of ``rows`` of a trace, played one forward call at a time.
 
-    experts  int  [N, L, K]  the trace's expert ids (L >= the model's MoE layers; the first ones are used)
+    experts  int  [N, L, K]  the trace's expert ids, -1 where unrecorded (L >= the model's MoE layers; the first
+                             ones are used)
     rows     int  [S, B]     trace row of lane b at position s: a forward over ``n`` new tokens per lane plays
                              positions ``pos .. pos+n-1`` (the prompt is several positions, a decode step one)
     """
@@ -31,8 +32,6 @@ class ForcedRouting:
     def __init__(self, experts: np.ndarray, rows: np.ndarray, device: torch.device | str) -> None:
         if experts.ndim != 3 or rows.ndim != 2:
             raise TraceError(f"forced routing needs experts [N, L, K] and rows [S, B], got {experts.shape} and {rows.shape}")
-        if (experts < 0).any():
-            raise TraceError("the trace has unrecorded (-1) expert ids; force routing from a trace recorded at every layer")
         self.experts = torch.as_tensor(np.ascontiguousarray(experts), dtype=torch.int64, device=device)  # [N, L, K]
         self.rows = rows
         self.pos = 0
@@ -90,6 +89,7 @@ class ForcedRouting:
                     f"MoE layer {layer}: the model routes {tuple(given.shape)} (tokens, top-k) but the trace gives "
                     f"{tuple(forced.shape)}; use a trace of this model's top-k and call begin() with the tokens per lane"
                 )
+            forced = torch.where(forced >= 0, forced, given)  # unrecorded: the router's own choice
             if len(args) > 1:
                 return (args[0], forced, *args[2:]), kwargs
             return args, {**kwargs, "top_k_index": forced}

@@ -55,6 +55,23 @@ def test_experts_receive_the_trace_rows_of_each_lane_and_position():
         routing.begin(1)
 
 
+def test_unrecorded_trace_entries_keep_the_routers_choice():
+    r = routes()
+    holes = r.experts.copy()
+    holes[7, 1, 0] = -1
+    model = SPEC.tiny_model(seed=1)
+    layers = moe_layers(model)
+    ids = torch.randint(3, 100, (1, 1))
+    seen = record_indices(model)  # runs before the forcing hook below: sees the router's own choice
+    ForcedRouting(holes, np.array([[7]]), "cpu").attach(layers).begin(1)
+    forced = record_indices(model)
+    with torch.no_grad():
+        model(ids)
+    own = seen[1][0][0]
+    assert forced[1][0][0, 0] == own[0] and forced[1][0][0, 1] == holes[7, 1, 1]
+    assert np.array_equal(forced[0][0][0].numpy(), holes[7, 0])
+
+
 def test_wrapped_and_unwrapped_models_decode_identically_under_forced_routing():
     r = routes(seed=2)
     model = SPEC.tiny_model(seed=3)
@@ -141,10 +158,6 @@ def test_forced_routing_refuses_mismatches():
     top1.detach()
     with pytest.raises(TraceError, match="MoE layers"):
         ForcedRouting(r.experts[:, :1], np.zeros((4, 1), dtype=np.int64), "cpu").attach(layers)
-    holes = r.experts.copy()
-    holes[0, 0, 0] = -1
-    with pytest.raises(TraceError, match="unrecorded"):
-        ForcedRouting(holes, np.zeros((4, 1), dtype=np.int64), "cpu")
     dbrx = get_spec("dbrx").tiny_model()
     with pytest.raises(UnsupportedModelError, match="forced routing"):
         ForcedRouting(r.experts, np.zeros((4, 1), dtype=np.int64), "cpu").attach(moe_layers(dbrx))
