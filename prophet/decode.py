@@ -202,6 +202,7 @@ def _resident(model: nn.Module, layers: list[MoELayer], routing: ForcedRouting |
     device, need = runtime.device, runtime.store.nbytes
     reconfigure(model, cache_slots=1)  # give the slot pool's memory back first
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # the old pool's block is cached by torch, which the driver counts as used
         free = torch.cuda.mem_get_info(device)[0]
         if need > free * 0.95:
             return {"policy": "all-resident", "fits": False, "tokens_per_s": None,

@@ -204,13 +204,14 @@ def reconfigure(
         torch.cuda.synchronize(runtime.device)  # no copy into the old pool may still be running when it is freed
     store, total = runtime.store, runtime.store.num_layers * runtime.store.num_experts
     factory = policy if callable(policy) else (lambda: make_policy(policy))
-    runtime.cache = None  # free the old pool's device memory before the new one is allocated
+    old_config = runtime.prefetcher.config
+    runtime.cache = runtime.prefetcher = None  # drop every reference to the old pool before the new one is allocated
     runtime.cache = _new_cache(
         store, runtime.device, factory,
         None if cache_slots is None else min(cache_slots, total),
         None if slots_per_layer is None else min(slots_per_layer, store.num_experts),
     )
-    runtime.prefetcher = Prefetcher(runtime.cache, prefetch or runtime.prefetcher.config)
+    runtime.prefetcher = Prefetcher(runtime.cache, prefetch or old_config)
     runtime.predictor = predictor
     return runtime
 

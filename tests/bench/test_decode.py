@@ -1,6 +1,9 @@
 """Measured decode (`prophet.decode`, `prophet.routing`): forced routing plays the trace exactly, a wrapped and
 an unwrapped model see the same routing, and the real cache's counters equal the simulator's for the same rows."""
 
+import importlib
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -133,13 +136,23 @@ def test_random_model_has_drawn_weights_and_a_filled_store():
         assert torch.isfinite(model(torch.randint(3, 100, (1, 5))).logits).all()
 
 
-def test_reconfigure_swaps_the_cache_and_keeps_outputs():
+def test_reconfigure_swaps_the_cache_and_keeps_outputs(monkeypatch):
+    wrap_module = importlib.import_module("prophet.wrap")  # the package attribute prophet.wrap is the function
+
     model = SPEC.tiny_model(seed=8)
     ids = torch.randint(3, 100, (2, 7))
     with torch.no_grad():
         ref = model(ids).logits
         prophet.wrap(model, device="cpu", cache_slots=16)
         model(ids)
+        old_pool = weakref.ref(runtime_of(model).cache)
+        new_cache = wrap_module._new_cache
+
+        def check_freed(*args):
+            assert old_pool() is None  # the old pool is gone before the new one is allocated (a GPU holds one)
+            return new_cache(*args)
+
+        monkeypatch.setattr(wrap_module, "_new_cache", check_freed)
         runtime = reconfigure(model, slots_per_layer=2, policy="lfu")
         assert runtime.cache.num_slots == 2 * SPEC.num_moe_layers and prophet.stats(model).total.hits == 0
         assert torch.allclose(model(ids).logits, ref, atol=1e-5)
