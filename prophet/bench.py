@@ -66,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp16 or fp8")
     p.add_argument("--trace", default=None, help="router trace to replay (default: synthetic, for the model's shape)")
     p.add_argument("--policy", default="lru,prophet", help="comma list: lru, lfu, fifo, belady, prophet")
-    p.add_argument("--predictor", default=None, help="prefetch predictor (default for prophet: cooccurrence)")
+    p.add_argument("--predictor", default=None, help="predictor of the prophet policy (default: pathmatch); "
+                   "the other policies run on demand")
     p.add_argument("--steps", type=int, default=512, help="decode steps to replay or time")
     p.add_argument("--warmup", type=int, default=16, help="measured decode: untimed steps after the prefill")
     p.add_argument("--compare", action="store_true", help="add the baselines: on-demand LRU and all experts resident")
@@ -142,23 +143,45 @@ def load_trace(path: str | None, spec: ModelSpec, progress: bool = True) -> tupl
     return trace, info
 
 
+def fit_trace(args: argparse.Namespace, spec: ModelSpec, trace: Any, info: dict[str, Any]) -> Any:
+    """The routing predictors learn from: for the synthetic trace other tokens from the same generator (out of
+    sample); for a trace file the file itself (in sample, optimistic). ``info`` records which."""
+    from prophet.predict.data import as_router_trace
+
+    if args.trace is not None:
+        info["predictor_fit"] = "the replayed trace itself (in sample)"
+        return as_router_trace(trace)
+    from prophet.trace.synth import synthetic_trace
+
+    info["predictor_fit"] = "other tokens from the same synthetic generator (sample seed 1, out of sample)"
+    return as_router_trace(synthetic_trace(spec.num_moe_layers, spec.num_experts, spec.top_k,
+                                           num_sequences=SYNTH_SEQUENCES, tokens_per_sequence=SYNTH_TOKENS,
+                                           sample_seed=1, progress=not args.no_progress))
+
+
+def _first_layers(trace: Any, layers: int) -> Any:
+    """A `RouterTrace` of the first ``layers`` MoE layers (what a model cut to its first layers runs)."""
+    return dataclasses.replace(trace, experts=trace.experts[:, :layers], weights=trace.weights[:, :layers],
+                               exact=trace.exact[:, :layers], hidden=None)
+
+
 def simulate(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: str, trace: Any,
              info: dict[str, Any]) -> dict[str, Any]:
     """Replay each policy with the plan's expert slots (one shared pool, as `prophet.wrap` builds it)."""
     from prophet.predict.data import as_router_trace
     from prophet.sim import bounds, replay, schedule
-    from prophet.sim.replay import make_predictor, policy_args
+    from prophet.sim.replay import make_predictor
 
     progress = not args.no_progress
-    routes = as_router_trace(trace)
+    routes, fit = as_router_trace(trace), fit_trace(args, spec, trace, info)
     sched = schedule(routes, args.batch, args.steps)
     slots = _slots(args, memory)
     common = {"cache_slots": slots, "batch": args.batch, "context": memory.ctx, "sched": sched, "progress": progress}
     results = []
     for name in _policies(args):
-        policy, predictor = policy_args(name, args.predictor)
+        policy, predictor = _policy_args(name, args)
         if isinstance(predictor, str):
-            predictor = make_predictor(predictor, routes, sched)
+            predictor = make_predictor(predictor, fit, sched)
         r = replay(routes, spec, profile, policy=policy, predictor=predictor, **common)
         results.append({**r.to_dict(), "policy": name})
     limits = bounds(spec, profile, args.batch, trace=routes, cache_slots=slots,
@@ -236,6 +259,13 @@ def _slots(args: argparse.Namespace, memory: Plan) -> int:
     return min(args.slots, memory.total_experts) if args.slots is not None else memory.expert_slots
 
 
+def _policy_args(name: str, args: argparse.Namespace) -> tuple[str, str | None]:
+    """``(policy, predictor)``: ``--predictor`` serves the prophet policy; the others stay on-demand baselines."""
+    from prophet.sim.replay import policy_args
+
+    return policy_args(name, args.predictor if name in ("prophet", "predicted") else None)
+
+
 def _policies(args: argparse.Namespace) -> list[str]:
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     if args.compare and "lru" not in policies:
@@ -251,17 +281,18 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
     import torch
 
     from prophet import decode as dec
+    from prophet.config import PrefetchConfig
     from prophet.load import load
     from prophet.policies import PredictionAware
     from prophet.predict.data import as_router_trace
-    from prophet.sim import bounds, replay, schedule
-    from prophet.sim.replay import make_predictor, policy_args
+    from prophet.sim import CostModel, bounds, expected_distinct, get_profile, replay, schedule
+    from prophet.sim.replay import make_predictor
 
     progress = not args.no_progress
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU kernels run fp32 fastest
     policies = _policies(args)
     for name in policies:
-        policy, predictor = policy_args(name, args.predictor)
+        policy, predictor = _policy_args(name, args)
         if policy == "belady" or predictor == "oracle":
             raise _UsageError(f"--policy {name}: {policy if policy == 'belady' else 'the oracle'} needs the future, "
                               "which a measured decode does not have; use --simulate for it")
@@ -270,7 +301,7 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
     if args.weights == "real":
         if args.layers is not None:
             raise _UsageError("--layers applies to --weights random; a checkpoint runs whole")
-        spec_run, slots, routes, routing, sched = spec, _slots(args, memory), None, None, None
+        spec_run, slots, routes, fit, routing, sched = spec, _slots(args, memory), None, None, None, None
         model = load(args.model, dtype=dtype, device=device, cache_slots=slots)
         why = "checkpoint weights, the model's own routing"
     else:
@@ -278,9 +309,8 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
         spec_run = dec.truncate(spec, layers)
         moe = spec_run.num_moe_layers
         slots = max(1, round(_slots(args, memory) * moe / spec.num_moe_layers))
-        full = as_router_trace(trace)
-        routes = dataclasses.replace(full, experts=full.experts[:, :moe], weights=full.weights[:, :moe],
-                                     exact=full.exact[:, :moe], hidden=None)
+        routes = _first_layers(as_router_trace(trace), moe)
+        fit = _first_layers(fit_trace(args, spec, trace, info), moe)
         sched = schedule(routes, args.batch, positions)
         routing = dec.ForcedRouting(routes.experts, sched.rows, device)
         if layers < spec.num_layers:
@@ -293,9 +323,12 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
         print("prophet-bench: building the random-weight model", file=sys.stderr)
         model = dec.random_model(spec_run, dtype, device, slots)
     kv = dec.kv_cache_for(model, device, positions, memory.ctx, args.batch, dtype)
+    distinct = float(sched.distinct().mean()) if sched else expected_distinct(spec.num_experts, spec.top_k, args.batch)
+    cost = CostModel(spec_run, get_profile(profile), torch.bfloat16, memory.ctx)
+    budget = PrefetchConfig(**cost.link_budget(distinct, args.batch))  # as the simulator gates its prefetches
     runs = []
     for name in policies:
-        policy, predictor_name = policy_args(name, args.predictor)
+        policy, predictor_name = _policy_args(name, args)
         if predictor_name is None:
             runs.append(dec.PolicyRun(name, policy))
             continue
@@ -303,9 +336,9 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
             print(f"prophet-bench: skipping --policy {name}: its predictor is fitted on a trace, and real weights "
                   "run without one", file=sys.stderr)
             continue
-        predictor = make_predictor(predictor_name, routes, sched)  # fitted on the replayed trace (optimistic)
+        predictor = make_predictor(predictor_name, fit, sched)
         factory = (lambda p=predictor: PredictionAware(p.eviction_score)) if policy == "predicted" else policy
-        runs.append(dec.PolicyRun(name, factory, predictor))
+        runs.append(dec.PolicyRun(name, factory, predictor, budget))
     results = dec.run_policies(model, runs, routing, cache_slots=slots, batch=args.batch, prompt=PROMPT_TOKENS,
                                steps=steps, warmup=warmup, kv=kv, resident=args.compare, progress=progress)
     out: dict[str, Any] = {"trace": info, "results": results,
@@ -318,11 +351,11 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
         for r in results:
             if r["policy"] == "all-resident":
                 continue
-            policy, predictor_name = policy_args(r["policy"], args.predictor)
+            policy, predictor_name = _policy_args(r["policy"], args)
             whole, prefix = (
                 replay(routes, spec_run, profile, policy=policy, cache_slots=slots, batch=args.batch,
                        context=memory.ctx, sched=s, progress=False,
-                       predictor=make_predictor(predictor_name, routes, sched) if predictor_name else None)
+                       predictor=make_predictor(predictor_name, fit, sched) if predictor_name else None)
                 for s in (sched, head)
             )
             hits, misses = whole.hits - prefix.hits, whole.misses - prefix.misses  # the timed window only
@@ -337,7 +370,8 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
 def _report(sim: dict[str, Any], file: Any) -> None:
     t, b = sim["trace"], sim["bounds"]
     if t is not None:
-        print(f"trace: {t['name']} ({t['tokens']} tokens), {t['origin']}", file=file)
+        print(f"trace: {t['name']} ({t['tokens']} tokens), {t['origin']}; predictors fitted on "
+              f"{t.get('predictor_fit', 'nothing')}", file=file)
     oracle = b.get("oracle", {}).get("tokens_per_s")
     print(f"bounds tok/s: all-resident {b['all_resident']['tokens_per_s']:.2f} "
           f"(fits: {b['all_resident']['fits']}), all-miss {b['all_miss']['tokens_per_s']:.2f}"

@@ -83,10 +83,19 @@ class PrefetchConfig(JsonConfig):
     enabled: bool = True
     max_inflight: int = 8  # copies queued on the side stream at once
     min_score: float = 0.0  # predictions scoring below this are dropped
+    # Link budget: with both set, a prediction d layer-steps ahead is copied only when its score is at least
+    # copy / (copy + d * layer), the break-even of the compute the copy can hide against the link time it
+    # wastes when wrong (see `Prefetcher.threshold`).
+    copy_ms: float | None = None  # time to copy one expert host->device
+    layer_ms: float | None = None  # compute time of one MoE layer step
 
     def __post_init__(self) -> None:
         _check(self.max_inflight >= 1, f"max_inflight={self.max_inflight}: must be at least 1")
         _check(0.0 <= self.min_score <= 1.0, f"min_score={self.min_score}: must lie in [0, 1]")
+        for name in ("copy_ms", "layer_ms"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, f"{name}={value}: must be at least 0 (or None for no link budget)")
+        _check((self.copy_ms is None) == (self.layer_ms is None), "give both copy_ms and layer_ms, or neither")
 
 
 @dataclass(frozen=True)

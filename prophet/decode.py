@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from prophet.config import PrefetchConfig
 from prophet.errors import CapacityError, ConfigError
 from prophet.models.adapter import MoELayer
 from prophet.models.spec import ModelSpec
@@ -167,11 +168,13 @@ def decode(model: nn.Module, routing: ForcedRouting | None, *, batch: int, promp
 
 @dataclasses.dataclass
 class PolicyRun:
-    """One cache setting to measure: a name, the eviction policy (a name or a factory) and an optional predictor."""
+    """One cache setting to measure: a name, the eviction policy (a name or a factory), an optional predictor
+    and its prefetch config."""
 
     name: str
     policy: str | Callable[[], Any]
     predictor: Any = None
+    prefetch: PrefetchConfig | None = None  # how predictions become copies (default: every one)
 
 
 def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting | None, *, cache_slots: int,
@@ -183,7 +186,8 @@ def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting
     layers: list[MoELayer] = runtime_of(model).layers
     results = []
     for run in runs:
-        reconfigure(model, cache_slots=cache_slots, policy=run.policy, predictor=run.predictor)
+        reconfigure(model, cache_slots=cache_slots, policy=run.policy, predictor=run.predictor,
+                    prefetch=run.prefetch or PrefetchConfig())
         if routing is not None:
             routing.attach(layers)
         r = decode(model, routing, batch=batch, prompt=prompt, steps=steps, warmup=warmup, kv=kv, progress=progress)

@@ -30,13 +30,28 @@ class Prefetcher:
             return
         best: dict[tuple[int, int], Prediction] = {(p.layer, p.expert): p for p in self._queue}
         for p in predictions:
-            if p.score < self.config.min_score:
+            if p.score < self.threshold(p.layer - current_layer):
                 continue
             key = (p.layer, p.expert)
             if key not in best or best[key].score < p.score:
                 best[key] = p
         self._queue = sorted(best.values(), key=lambda p: -p.score)
         self.advance(current_layer)
+
+    def threshold(self, distance: int) -> float:
+        """Least score worth a copy for a prediction ``distance`` layer-steps ahead.
+
+        A right guess hides at most the compute before the expert is needed (``distance * layer``); a wrong
+        one occupies the link for ``copy``, delaying the misses behind it. Copying pays when
+        ``score * distance * layer >= (1 - score) * copy``. When the link is the bottleneck (batch 1 over
+        PCIe: a 352 MB expert takes 6.7 ms, a layer computes in well under 1 ms) only near-certain or
+        far-ahead predictions pass; when compute dominates, nearly all do. Without costs: ``min_score``.
+        """
+        floor = self.config.min_score
+        if self.config.copy_ms is None or self.config.layer_ms is None:
+            return floor
+        copy, hidden = self.config.copy_ms, max(distance, 1) * self.config.layer_ms
+        return max(floor, copy / (copy + hidden)) if copy + hidden > 0 else floor
 
     def advance(self, current_layer: int) -> int:
         """Drop requests for layers at or before ``current_layer``; issue queued copies. Returns copies issued.

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from prophet.cache import ExpertCache
-from prophet.errors import CapacityError
+from prophet.config import PrefetchConfig
+from prophet.errors import CapacityError, ConfigError
 from prophet.models.adapter import ExpertFormat
 from prophet.policies import LRU
 from prophet.predict.base import Prediction
@@ -103,6 +104,33 @@ def test_next_token_predictions_wrap_to_the_first_layers():
     pf = Prefetcher(cache)
     pf.submit([Prediction(2, 3, 0.9)], current_layer=1)  # layer 2 = layer 0 of the next token
     assert cache.resident(0, 3)
+
+
+def test_link_budget_threshold_is_the_break_even_of_hidden_compute_and_wasted_link_time():
+    cache = make_cache(make_store(layers=2, experts=5), slots_per_layer=2)
+    assert Prefetcher(cache, PrefetchConfig(min_score=0.2)).threshold(1) == 0.2  # no costs: the floor
+    pf = Prefetcher(cache, PrefetchConfig(copy_ms=6.0, layer_ms=2.0))
+    assert pf.threshold(1) == pytest.approx(0.75) and pf.threshold(3) == pytest.approx(0.5)
+    assert pf.threshold(0) == pf.threshold(1)  # a prediction for the running layer still needs a copy's worth
+    floored = Prefetcher(cache, PrefetchConfig(copy_ms=6.0, layer_ms=2.0, min_score=0.6))
+    assert floored.threshold(3) == 0.6
+    free = Prefetcher(cache, PrefetchConfig(copy_ms=0.0, layer_ms=0.0))  # free copies: everything passes
+    assert free.threshold(1) == 0.0
+
+
+def test_predictions_below_the_link_budget_are_not_copied():
+    store = make_store(layers=3, experts=5)
+    cache = make_cache(store, slots_per_layer=2)
+    pf = Prefetcher(cache, PrefetchConfig(copy_ms=6.0, layer_ms=2.0))
+    # one layer ahead needs 0.75, two layers ahead 0.6
+    pf.submit([Prediction(1, 0, 0.7), Prediction(1, 1, 0.8), Prediction(2, 2, 0.65)], current_layer=0)
+    assert not cache.resident(1, 0) and cache.resident(1, 1) and cache.resident(2, 2)
+
+
+@pytest.mark.parametrize("bad", [{"copy_ms": 1.0}, {"copy_ms": -1.0, "layer_ms": 1.0}])
+def test_link_budget_needs_both_costs_and_no_negatives(bad):
+    with pytest.raises(ConfigError):
+        PrefetchConfig(**bad)
 
 
 def test_slot_release_names_the_slot_tensor_so_pools_never_collide():

@@ -59,6 +59,10 @@ class CostModel:
         """Link time of one expert's host->device copy."""
         return self.profile.copy_seconds(self.expert_bytes)
 
+    def link_budget(self, distinct: float, batch: int) -> dict[str, float]:
+        """``copy_ms`` and ``layer_ms`` for `prophet.config.PrefetchConfig`: gate prefetches by what they can hide."""
+        return {"copy_ms": self.copy_seconds() * 1e3, "layer_ms": self.layer_seconds(distinct, batch) * 1e3}
+
     def cpu_expert_seconds(self, tokens: int) -> float:
         """Host CPU time of one expert over ``tokens`` tokens: its weights stream from DRAM once."""
         flops = 2 * self.spec.expert_params * tokens

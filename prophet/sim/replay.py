@@ -121,8 +121,12 @@ class ScheduleOracle:
 # ---- predictors and policies by name -------------------------------------------------------------------
 def policy_args(name: str, predictor: str | None = None) -> tuple[str, str | None]:
     """``(policy, predictor)`` for a policy name: ``prophet`` is prediction-aware eviction with a predictor
-    (co-occurrence unless one is named), which also drives prefetch; ``predicted`` alone gets co-occurrence."""
-    if name in ("prophet", "predicted"):
+    (path matching unless one is named: the best out-of-sample eviction on the shared Mixtral trace), which
+    also drives prefetch within the link budget; ``predicted`` alone gets co-occurrence. Other policies keep
+    ``predictor`` (eviction by the policy, prefetch by the predictor)."""
+    if name == "prophet":
+        return "predicted", predictor or "pathmatch"
+    if name == "predicted":
         return "predicted", predictor or "cooccurrence"
     return name, predictor
 
@@ -241,7 +245,8 @@ def replay(
     """Replay ``trace`` (a `prophet.trace.Trace` or `RouterTrace`) as ``spec`` on ``profile``.
 
     ``predictor``: None, a name (see `make_predictor`) or a `Predictor`; its predictions are prefetched
-    (``prefetch`` config, enabled by default when a predictor is given). ``cpu_fallback`` runs missed experts
+    (``prefetch`` config; by default enabled when a predictor is given, within the cost model's link budget,
+    `prophet.prefetch.Prefetcher.threshold`). ``cpu_fallback`` runs missed experts
     on the host CPU while the GPU runs the resident ones, and admits them into the cache with background
     copies. ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch`` and ``steps``).
     """
@@ -275,7 +280,9 @@ def replay(
     cache = ExpertCache(
         store, torch.device("cpu"), engine, factory, cache_slots=cache_slots, slots_per_layer=slots_per_layer
     )
-    config = prefetch or PrefetchConfig(enabled=predictor is not None)
+    # By default prefetch within the link budget: only predictions whose hidden compute outweighs their risk.
+    config = prefetch or PrefetchConfig(enabled=predictor is not None,
+                                        **cost.link_budget(float(sched.distinct().mean()), B))
     prefetcher = Prefetcher(cache, config)
     prefetching = config.enabled and predictor is not None
     layer_s = [cost.layer_seconds(n, B) for n in range(E + 1)]  # GPU time by distinct experts

@@ -515,10 +515,16 @@ def synthetic_trace(
     tokens_per_sequence: int | list[int] = 256,
     seed: int = 0,
     progress: bool = True,
+    sample_seed: int | None = None,
 ) -> Trace:
-    """A trace for a model of this shape with no recording (what ``prophet-bench`` replays on a fresh machine)."""
+    """A trace for a model of this shape with no recording (what ``prophet-bench`` replays on a fresh machine).
+
+    ``seed`` fixes the generator's parameters (the "model": popularity, co-occurrence, reuse); ``sample_seed``
+    (default ``seed``) the tokens drawn from it, so another ``sample_seed`` is new text from the same model.
+    """
     params = for_shape(num_layers, num_experts, top_k, seed=seed)
-    return generate(params, num_sequences, tokens_per_sequence, seed=seed, progress=progress)
+    draw = seed if sample_seed is None else sample_seed
+    return generate(params, num_sequences, tokens_per_sequence, seed=draw, progress=progress)
 
 
 # -- validation --------------------------------------------------------------------------------------------

@@ -180,3 +180,13 @@ def test_device_cuda_without_a_gpu_is_refused(capsys):
         pytest.skip("a GPU is present")
     code, _, err = run(capsys, "--model", "mixtral-tiny", "--device", "cuda")
     assert code == 2 and "no CUDA device here" in err
+
+
+def test_predictor_serves_prophet_only_and_baselines_stay_on_demand(capsys):
+    code, out, err = run(capsys, "--model", "olmoe", "--ctx", "4096", "--gpu", "l4", "--slots", "600",
+                         "--policy", "lru,lfu,prophet", "--predictor", "cooccurrence", *FAST)
+    record = json.loads(out.strip().splitlines()[-1])
+    by_policy = {r["policy"]: r for r in record["results"]}
+    assert code == 0 and by_policy["lru"]["prefetches"] == by_policy["lfu"]["prefetches"] == 0
+    assert by_policy["lru"]["predictor"] is None and by_policy["prophet"]["predictor"] == "cooccurrence"
+    assert "out of sample" in record["trace"]["predictor_fit"]
