@@ -88,6 +88,9 @@ class PrefetchConfig(JsonConfig):
     # wastes when wrong (see `Prefetcher.threshold`).
     copy_ms: float | None = None  # time to copy one expert host->device
     layer_ms: float | None = None  # compute time of one MoE layer step
+    # Without fixed costs, measure them while running (`Prefetcher.observe_layer`, the copy engine's timings);
+    # until both are known only min_score applies. `prophet.wrap`'s default; the simulator gives fixed costs.
+    auto_budget: bool = False
 
     def __post_init__(self) -> None:
         _check(self.max_inflight >= 1, f"max_inflight={self.max_inflight}: must be at least 1")
@@ -103,7 +106,7 @@ class ProphetConfig(JsonConfig):
     """Everything `prophet.wrap` needs besides the model."""
 
     cache: CacheConfig = field(default_factory=CacheConfig)
-    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    prefetch: PrefetchConfig = field(default_factory=lambda: PrefetchConfig(auto_budget=True))
     kernels: str = "auto"  # auto | triton | reference
     pin_memory: bool = True  # pin the host store when CUDA is present
 

@@ -174,7 +174,7 @@ class PolicyRun:
     name: str
     policy: str | Callable[[], Any]
     predictor: Any = None
-    prefetch: PrefetchConfig | None = None  # how predictions become copies (default: every one)
+    prefetch: PrefetchConfig | None = None  # how predictions become copies (default: the measured link budget)
 
 
 def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting | None, *, cache_slots: int,
@@ -187,7 +187,7 @@ def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting
     results = []
     for run in runs:
         reconfigure(model, cache_slots=cache_slots, policy=run.policy, predictor=run.predictor,
-                    prefetch=run.prefetch or PrefetchConfig())
+                    prefetch=run.prefetch or PrefetchConfig(auto_budget=True))
         if routing is not None:
             routing.attach(layers)
         r = decode(model, routing, batch=batch, prompt=prompt, steps=steps, warmup=warmup, kv=kv, progress=progress)

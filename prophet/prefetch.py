@@ -23,6 +23,7 @@ class Prefetcher:
         self._last_layer = -1
         self.num_layers = cache.store.num_layers
         self.dropped_stale = 0
+        self.layer_ms: float | None = None  # measured compute of a layer step (auto budget), moving average
 
     def submit(self, predictions: list[Prediction], current_layer: int) -> None:
         """Queue ``predictions`` (keeping the best score per key) and issue what fits now."""
@@ -45,13 +46,24 @@ class Prefetcher:
         one occupies the link for ``copy``, delaying the misses behind it. Copying pays when
         ``score * distance * layer >= (1 - score) * copy``. When the link is the bottleneck (batch 1 over
         PCIe: a 352 MB expert takes 6.7 ms, a layer computes in well under 1 ms) only near-certain or
-        far-ahead predictions pass; when compute dominates, nearly all do. Without costs: ``min_score``.
+        far-ahead predictions pass; when compute dominates, nearly all do. Without costs: ``min_score``;
+        with ``auto_budget``, the measured costs once both are known.
         """
         floor = self.config.min_score
-        if self.config.copy_ms is None or self.config.layer_ms is None:
+        copy, layer = self.config.copy_ms, self.config.layer_ms
+        if copy is None and self.config.auto_budget:
+            copy, layer = self.cache.engine.mean_copy_ms(), self.layer_ms
+            if copy is None or layer is None:
+                return floor  # costs not measured yet (no copy, or no layer that waited for none): ungated
+        if copy is None or layer is None:
             return floor
-        copy, hidden = self.config.copy_ms, max(distance, 1) * self.config.layer_ms
+        hidden = max(distance, 1) * layer
         return max(floor, copy / (copy + hidden)) if copy + hidden > 0 else floor
+
+    def observe_layer(self, seconds: float) -> None:
+        """One layer step's compute time, measured by the runtime on a step that waited for no copy."""
+        ms = seconds * 1e3
+        self.layer_ms = ms if self.layer_ms is None else 0.9 * self.layer_ms + 0.1 * ms
 
     def advance(self, current_layer: int) -> int:
         """Drop requests for layers at or before ``current_layer``; issue queued copies. Returns copies issued.

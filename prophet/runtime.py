@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,13 +44,17 @@ class Runtime:
         self.expert_shapes: list[dict[str, torch.Size]] = []  # original parameter shapes, for unwrap
         self.plan: Plan | None = None  # the memory plan, when wrap was given max_context
         self.kv_cache: Any = None  # the transformers cache that plan sized, to pass to generate()
+        self._last_layer: tuple[int, float, bool] | None = None  # (layer, start time, no demand miss)
 
     def run_layer(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """One step of MoE layer ``layer``: ``hidden [T,H]``, ``top_k_index [T,k]``, ``top_k_weights [T,k]`` -> ``[T,H]``."""
+        start = time.perf_counter()
+        self._time_previous_layer(layer, start)
         ids, has_invalid = unique_experts(top_k_index, self.num_experts)
         self.prefetcher.advance(layer)
+        misses = self.cache.stats[layer].misses
         if not ids:
             return torch.zeros_like(hidden)
         if has_invalid:
@@ -64,7 +69,19 @@ class Runtime:
         if self.predictor is not None and not _capturing():
             self.predictor.observe(layer, top_k_index, top_k_weights, hidden)
             self.prefetcher.submit(self.predictor.predict(), layer)
+        self._last_layer = (layer, start, self.cache.stats[layer].misses == misses)
         return out
+
+    def _time_previous_layer(self, layer: int, now: float) -> None:
+        """Feed the prefetcher's link budget the previous layer step's time when it waited for no demand copy.
+
+        Start to start of consecutive MoE layers: each layer's dedup syncs with the device, so on a GPU this
+        host interval is the layer's device time (attention included)."""
+        if self._last_layer is None:
+            return
+        previous, started, clean = self._last_layer
+        if clean and layer == previous + 1:
+            self.prefetcher.observe_layer(now - started)
 
     def _lut(self, ids: list[int], slots: list[int], fill: int) -> torch.Tensor:
         """Expert id -> slot id table ``[E]`` on the device (one small host->device copy)."""

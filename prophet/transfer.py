@@ -50,12 +50,18 @@ class CopyEngine:
         """Compute time lost waiting for copies so far (resolved lazily on CUDA)."""
         return 0.0
 
+    def mean_copy_ms(self) -> float | None:
+        """Mean duration of the copies finished so far, in ms (None before the first): the prefetcher's
+        measured link cost."""
+        return None
+
 
 class SyncCopyEngine(CopyEngine):
     """Synchronous copies; the time a copy takes is stall, since nothing overlaps it."""
 
     def __init__(self) -> None:
         self._stall = 0.0
+        self._copies = 0
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, slot: int) -> Load:
         start = time.perf_counter()
@@ -63,6 +69,7 @@ class SyncCopyEngine(CopyEngine):
         if dst.is_cuda:
             torch.cuda.current_stream(dst.device).synchronize()
         self._stall += time.perf_counter() - start
+        self._copies += 1
         return Load(slot=slot, nbytes=src.numel() * src.element_size())
 
     def done(self, load: Load) -> bool:
@@ -70,6 +77,9 @@ class SyncCopyEngine(CopyEngine):
 
     def stall_seconds(self) -> float:
         return self._stall
+
+    def mean_copy_ms(self) -> float | None:
+        return self._stall / self._copies * 1e3 if self._copies else None
 
 
 class CudaCopyEngine(CopyEngine):
@@ -81,15 +91,22 @@ class CudaCopyEngine(CopyEngine):
         self._slot_free: dict[int, torch.cuda.Event] = {}  # slot address -> last compute reading it
         self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall = 0.0
+        self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # copies not yet measured
+        self._copy_ms, self._copies = 0.0, 0
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, slot: int) -> Load:
         free = self._slot_free.pop(dst.data_ptr(), None)
         with torch.cuda.stream(self.stream):
             if free is not None:
                 self.stream.wait_event(free)
+            start = torch.cuda.Event(enable_timing=True)  # after the wait: the copy's own time only
+            start.record(self.stream)
             dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event(enable_timing=False)
+            event = torch.cuda.Event(enable_timing=True)
             event.record(self.stream)
+        self._timed.append((start, event))
+        if len(self._timed) > 64:  # nobody asked lately: fold finished timings in, so the list stays short
+            self.mean_copy_ms()
         return Load(slot=slot, nbytes=src.numel() * src.element_size(), event=event)
 
     def done(self, load: Load) -> bool:
@@ -124,3 +141,14 @@ class CudaCopyEngine(CopyEngine):
                 pending.append((before, after))
         self._stalls = pending
         return self._stall
+
+    def mean_copy_ms(self) -> float | None:
+        pending = []
+        for start, end in self._timed:
+            if end.query():
+                self._copy_ms += start.elapsed_time(end)
+                self._copies += 1
+            else:
+                pending.append((start, end))
+        self._timed = pending
+        return self._copy_ms / self._copies if self._copies else None

@@ -162,3 +162,42 @@ def test_a_miss_never_evicts_an_expert_the_same_step_needs():
     assert cache.resident(0, 1) and cache.resident(0, 3) and not cache.resident(0, 2)
     assert cache.stats[0].misses == 3 and cache.stats[0].hits == 1
     assert torch.equal(cache.pool(0).data[slots[1]], store.slab(0, 1))
+
+
+class _SlowLink(SyncCopyEngine):
+    """Copies as usual but reports them as taking ``ms`` each: the link cost the auto budget reads."""
+
+    def __init__(self, ms):
+        super().__init__()
+        self.ms = ms
+
+    def mean_copy_ms(self):
+        return self.ms
+
+
+@pytest.mark.parametrize(("copy_ms", "copied"), [(0.1, True), (100.0, False)])
+def test_auto_budget_gates_with_measured_costs(copy_ms, copied):
+    store = make_store(layers=3, experts=5)
+    cache = ExpertCache(store, torch.device("cpu"), _SlowLink(copy_ms), LRU, slots_per_layer=2)
+    pf = Prefetcher(cache, PrefetchConfig(auto_budget=True))
+    pf.observe_layer(0.002)
+    pf.observe_layer(0.004)
+    assert pf.layer_ms == pytest.approx(0.9 * 2.0 + 0.1 * 4.0)  # a moving average, in ms
+    pf.submit([Prediction(1, 3, 0.9)], current_layer=0)
+    assert cache.resident(1, 3) == copied  # 0.9 beats 0.1 / (0.1 + 2.2) but not 100 / (100 + 2.2)
+
+
+def test_auto_budget_is_ungated_until_both_costs_are_measured():
+    cache = make_cache(make_store(layers=3, experts=5), slots_per_layer=2)
+    pf = Prefetcher(cache, PrefetchConfig(auto_budget=True, min_score=0.1))
+    assert cache.engine.mean_copy_ms() is None and pf.threshold(1) == 0.1
+    pf.observe_layer(0.001)
+    assert pf.threshold(1) == 0.1  # still no copy measured
+    cache.acquire(0, [1])
+    assert cache.engine.mean_copy_ms() > 0 and 0.1 <= pf.threshold(1) < 1.0
+
+
+def test_wrap_measures_its_link_budget_by_default():
+    from prophet.config import ProphetConfig
+
+    assert ProphetConfig().prefetch.auto_budget and not PrefetchConfig().auto_budget

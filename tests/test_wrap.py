@@ -212,3 +212,30 @@ def test_recorded_trace_fits_a_predictor_that_prefetches_for_the_wrapped_model(t
     assert all(torch.equal(o, r) for o, r in zip(outs, ref, strict=True))
     st = prophet.stats(model).total
     assert st.prefetches > 0 and st.prefetch_hits > 0
+
+
+def test_the_runtime_measures_layer_and_copy_times_for_the_link_budget():
+    from prophet.predict import CoOccurrencePredictor
+
+    model = tiny_mixtral(experts=8, layers=3)
+    predictor = CoOccurrencePredictor(3, 8, 2)
+    prophet.wrap(model, device="cpu", slots_per_layer=4, predictor=predictor)
+    with torch.no_grad():
+        model.generate(torch.randint(0, 96, (1, 4)), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    runtime = runtime_of(model)
+    assert runtime.prefetcher.config.auto_budget
+    assert runtime.prefetcher.layer_ms > 0 and runtime.cache.engine.mean_copy_ms() > 0
+    assert 0 < runtime.prefetcher.threshold(1) < 1 and prophet.stats(model).total.prefetches > 0
+
+
+@pytest.mark.gpu
+def test_cuda_copy_engine_times_its_copies():
+    from prophet.transfer import CudaCopyEngine
+
+    engine = CudaCopyEngine(torch.device("cuda"))
+    src = torch.empty(32 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device="cuda")
+    assert engine.mean_copy_ms() is None
+    engine.finish(engine.copy(dst, src, 0))
+    ms = engine.mean_copy_ms()
+    assert ms is not None and 0.1 < ms < 100  # 32 MiB over PCIe: about 0.6 ms at 52 GB/s

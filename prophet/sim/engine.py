@@ -55,6 +55,9 @@ class SimCopyEngine(CopyEngine):
     def done(self, load: Load) -> bool:
         return load.done_at <= self.now
 
+    def mean_copy_ms(self) -> float | None:
+        return self.seconds_per_copy * 1e3 if self.copies else None
+
     def wait(self, load: Load) -> None:
         self._advance(load.done_at)
 
