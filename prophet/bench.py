@@ -296,6 +296,9 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
         if policy == "belady" or predictor == "oracle":
             raise _UsageError(f"--policy {name}: {policy if policy == 'belady' else 'the oracle'} needs the future, "
                               "which a measured decode does not have; use --simulate for it")
+    if args.kv_dtype not in ("bf16", "bfloat16"):
+        raise _UsageError(f"--kv-dtype {args.kv_dtype}: measured decode keeps the KV cache in the weights' dtype "
+                          "(transformers' attention); plan and simulate other KV dtypes with --simulate")
     warmup, steps = args.warmup, args.steps
     positions = PROMPT_TOKENS + warmup + steps
     if args.weights == "real":

@@ -159,6 +159,7 @@ def test_real_weights_from_a_checkpoint_route_themselves(capsys, tmp_path):
         (["--weights", "real"], "--layers applies to --weights random"),
         (["--layers", "5"], "give 1 to 2"),
         (["--trace", "x", "--weights", "real"], "with --weights real the model routes itself"),
+        (["--kv-dtype", "fp8"], "plan and simulate other KV dtypes with --simulate"),
     ],
 )
 def test_bad_measured_input_is_one_line_and_exit_code_2(capsys, argv, fix):
