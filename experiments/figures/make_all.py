@@ -221,7 +221,34 @@ def fig_f_breakdown() -> None:
           "time the link was busy, which overlaps compute. Middle budget of (d).")
 
 
-FIGURES: list[Callable[[], None]] = [fig_a_hit_rate, fig_b_recall, fig_c_dedup, fig_d_vram, fig_e_context, fig_f_breakdown]
+def fig_g_link_budget() -> None:
+    data = _read("sim_prefetch_budget")
+    if data is None:
+        print(f"(g) skipped: no sim_prefetch_budget.json; run `{SWEEPS} prefetch`")
+        return
+    batches = sorted({p["batch"] for p in data["points"]})
+    fig, axes = _figure(len(batches))
+    styles = {"belady": {"color": "k", "linestyle": "--"}, "prophet, link budget": {"linewidth": 2.5}}
+    for ax, batch in zip(axes, batches, strict=True):
+        points = sorted((p for p in data["points"] if p["batch"] == batch), key=lambda p: p["cache_slots"])
+        x = [p["cache_slots"] for p in points]
+        for pol in [r["policy"] for r in points[0]["results"]]:
+            y = [next(r for r in p["results"] if r["policy"] == pol)["tokens_per_s"] for p in points]
+            ax.plot(x, y, marker="o", label=pol, **styles.get(pol, {}))
+        ax.set(title=f"Mixtral-8x7B on h100-sxm, batch {batch}", xlabel="expert slots (shared pool, of 256)",
+               ylabel="decode tokens/s", yscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    _save(fig, "g_link_budget",
+          "(g) Prefetch within the link budget. Prediction-aware eviction with path matching (fitted on one sequence "
+          "of the shared Mixtral trace, replayed on the other) with no prefetch, with every prediction copied, and "
+          "with copies only where the compute they can hide outweighs the link time they waste "
+          "(score >= copy / (copy + d x layer)); LRU, LFU and Belady (dashed, no prefetch) for reference. At batch 1 "
+          "over PCIe the link is the bottleneck, so copying every prediction loses speed despite a higher hit rate.")
+
+
+FIGURES: list[Callable[[], None]] = [fig_a_hit_rate, fig_b_recall, fig_c_dedup, fig_d_vram, fig_e_context, fig_f_breakdown,
+                                     fig_g_link_budget]
 
 
 def main() -> None:

@@ -8,6 +8,9 @@ dedup     distinct experts per step vs batch (real traces; uniform routing for o
 vram      tokens/s vs VRAM budget per policy with the bounds: Mixtral-8x7B on H100 (shared trace),
           DeepSeek-V2-Lite on RTX 4090 (synthetic trace of its shape from `prophet.trace.synth`)
 context   tokens/s vs context length (KV against expert slots), Mixtral-8x7B on H100 80 GB, 32K-512K
+prefetch  the link budget: tokens/s vs shared slots at batch 1 and 8 for prediction-aware eviction with no
+          prefetch, every prediction copied, and copies within the budget, beside LRU, LFU and Belady
+          (Mixtral trace; path matching fitted on sequence 0, replayed on sequence 1: out of sample)
 
 Slots for a VRAM budget or context come from `prophet.plan.plan` (one shared pool). Traces are read from
 ../shared/traces (or $PROPHET_SHARED_TRACES), never copied.
@@ -167,7 +170,41 @@ def context() -> Path:
                                   "gpu": get_profile("h100-sxm").to_dict()})
 
 
-SWEEPS = {"capacity": capacity, "dedup": dedup, "vram": vram, "context": context}
+def prefetch() -> Path:
+    from prophet.config import PrefetchConfig
+    from prophet.policies import PredictionAware
+    from prophet.predict.pathmatch import PathMatchPredictor
+
+    spec, trace = get_spec("mixtral-8x7b"), _trace(MIXTRAL_TRACE)
+    train, test = trace.sequences([0]), trace.sequences([1])
+    variants = {  # name -> prefetch config of prediction-aware eviction (None: the cost model's link budget)
+        "prophet, no prefetch": PrefetchConfig(enabled=False),
+        "prophet, every prediction copied": PrefetchConfig(),
+        "prophet, link budget": None,
+    }
+    runs = []
+    for batch in (1, 8):
+        sched = schedule(test, batch, steps=max(test.num_tokens // batch, 32))
+        for slots in tqdm([96, 128, 172, 208, 232], desc=f"prefetch batch {batch}"):
+            common = dict(cache_slots=slots, batch=batch, sched=sched, progress=False)
+            point = {"batch": batch, "cache_slots": slots, "results": []}
+            for pol in ("lru", "lfu", "belady"):
+                point["results"].append({**replay(test, spec, "h100-sxm", policy=pol, **common).to_dict(), "policy": pol})
+            for name, config in variants.items():
+                pred = PathMatchPredictor(spec.num_moe_layers, spec.num_experts, spec.top_k).fit([train])
+                r = replay(test, spec, "h100-sxm", policy=lambda p=pred: PredictionAware(p.eviction_score),
+                           predictor=pred, prefetch=config, **common)
+                point["results"].append({**r.to_dict(), "policy": name})
+            runs.append(point)
+    return _write("sim_prefetch_budget", {
+        "what": "tokens/s vs shared slots: prefetch within the link budget against none and against every "
+                "prediction, Mixtral-8x7B on h100-sxm, context 2048",
+        "trace": f"{MIXTRAL_TRACE}: path matching fitted on sequence 0, replayed on sequence 1 (out of sample)",
+        "points": runs,
+    })
+
+
+SWEEPS = {"capacity": capacity, "dedup": dedup, "vram": vram, "context": context, "prefetch": prefetch}
 
 
 def main(argv: list[str] | None = None) -> None:
