@@ -72,7 +72,11 @@ def _cache_config(config: ProphetConfig | None, policy: str, **options: Any) -> 
 def allocate_kv_cache(model: nn.Module, dev: torch.device, max_context: int, batch: int, dtype: torch.dtype,
                       static: bool | None = None) -> Any:
     """A `StaticCache` allocated up front (fixed addresses, CUDA-graph friendly, and its memory is taken before
-    the slots), by default on CUDA; else a `DynamicCache`, which grows as needed."""
+    the slots), by default on CUDA; else a `DynamicCache`, which grows as needed.
+
+    Multi-head latent attention (DeepSeek) stores keys and values of different widths, which the up-front
+    allocation cannot describe: its static cache allocates at the first forward instead (the plan has already
+    set that memory aside)."""
     from transformers import DynamicCache, StaticCache
 
     if not (dev.type == "cuda" if static is None else static):
@@ -80,6 +84,8 @@ def allocate_kv_cache(model: nn.Module, dev: torch.device, max_context: int, bat
     text = model.config.get_text_config(decoder=True)
     heads = text.num_attention_heads
     cache = StaticCache(config=model.config, max_cache_len=max_context)
+    if getattr(text, "kv_lora_rank", None):
+        return cache
     cache.early_initialization(
         batch_size=batch, num_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, dtype=dtype, device=dev,

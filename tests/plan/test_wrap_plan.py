@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 import prophet
 from prophet.errors import ConfigError
-from prophet.models import get_spec, moe_layers
+from prophet.models import get_spec, list_specs, moe_layers
 from prophet.plan import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, workspace_breakdown
 from prophet.wrap import model_sizes, runtime_of
 
@@ -88,3 +88,19 @@ def test_max_context_misuse_says_what_to_change(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         prophet.wrap(model, device="cpu", **kwargs)
     assert not hasattr(model, "_prophet_runtime")
+
+
+@pytest.mark.parametrize("name", [s.name for s in list_specs() if not s.is_encoder_decoder])
+def test_static_kv_cache_decodes_like_a_dynamic_one_for_every_family(name):
+    """The GPU path preallocates a StaticCache; its layout must fit every family's attention (MLA included)."""
+    from prophet.wrap import allocate_kv_cache
+
+    model = get_spec(name).tiny_model()
+    prompt, step = torch.randint(3, 100, (2, 4)), torch.randint(3, 100, (2, 1))
+    outs = []
+    for static in (False, True):
+        kv = allocate_kv_cache(model, torch.device("cpu"), 16, 2, torch.float32, static=static)
+        with torch.inference_mode():
+            model(prompt, past_key_values=kv, use_cache=True)
+            outs.append(model(step, past_key_values=kv, use_cache=True).logits)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
