@@ -95,6 +95,7 @@ class ExpertCache:
         self.stats = [LayerStats() for _ in range(store.num_layers)]
         self._loads: list[Load] = []  # copies not yet known complete
         self.step = 0  # acquire calls so far; a prefetch younger than one token's layers is kept from prefetches
+        self.waits = 0  # copies something waited for: a step on a slot still loading, or a blocking engine's host
 
     # ---- geometry -------------------------------------------------------------------------------------
     def pool(self, layer: int) -> SlotPool:
@@ -157,6 +158,7 @@ class ExpertCache:
         for s in ordered:
             slot = pool.slots[s]
             if slot.load is not None:
+                self.waits += not self.engine.done(slot.load)
                 self.engine.wait(slot.load)
                 if self.engine.done(slot.load):
                     slot.load = None
@@ -227,6 +229,7 @@ class ExpertCache:
         s = self._take_slot(pool, for_prefetch=prefetch)
         src = self.store.slab(*key)
         load = self.engine.copy(pool.data[s], src, s)
+        self.waits += self.engine.blocking
         pool.slots[s] = _Slot(key=key, load=None if self.engine.done(load) else load, prefetched=prefetch, born=self.step)
         if pool.slots[s].load is not None:
             self._loads.append(load)

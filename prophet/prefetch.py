@@ -24,20 +24,30 @@ class Prefetcher:
         self.num_layers = cache.store.num_layers
         self.dropped_stale = 0
         self.layer_ms: float | None = None  # measured compute of a layer step (auto budget), moving average
+        self._layer_tokens = 0  # tokens of the steps layer_ms averages
 
     def submit(self, predictions: list[Prediction], current_layer: int) -> None:
         """Queue ``predictions`` (keeping the best score per key) and issue what fits now."""
         if not self.config.enabled:
             return
         best: dict[tuple[int, int], Prediction] = {(p.layer, p.expert): p for p in self._queue}
+        costs = self.costs()  # once per step: reading measured copy times queries the device
         for p in predictions:
-            if p.score < self.threshold(p.layer - current_layer):
+            if p.score < self._threshold(p.layer - current_layer, costs):
                 continue
             key = (p.layer, p.expert)
             if key not in best or best[key].score < p.score:
                 best[key] = p
         self._queue = sorted(best.values(), key=lambda p: -p.score)
         self.advance(current_layer)
+
+    def costs(self) -> tuple[float, float] | None:
+        """``(copy_ms, layer_ms)`` of the link budget: fixed, or measured with ``auto_budget`` once both are
+        known; None means no budget (only ``min_score``)."""
+        copy, layer = self.config.copy_ms, self.config.layer_ms
+        if copy is None and self.config.auto_budget:
+            copy, layer = self.cache.engine.mean_copy_ms(), self.layer_ms
+        return None if copy is None or layer is None else (copy, layer)
 
     def threshold(self, distance: int) -> float:
         """Least score worth a copy for a prediction ``distance`` layer-steps ahead.
@@ -49,21 +59,22 @@ class Prefetcher:
         far-ahead predictions pass; when compute dominates, nearly all do. Without costs: ``min_score``;
         with ``auto_budget``, the measured costs once both are known.
         """
+        return self._threshold(distance, self.costs())
+
+    def _threshold(self, distance: int, costs: tuple[float, float] | None) -> float:
         floor = self.config.min_score
-        copy, layer = self.config.copy_ms, self.config.layer_ms
-        if copy is None and self.config.auto_budget:
-            copy, layer = self.cache.engine.mean_copy_ms(), self.layer_ms
-            if copy is None or layer is None:
-                return floor  # costs not measured yet (no copy, or no layer that waited for none): ungated
-        if copy is None or layer is None:
+        if costs is None:
             return floor
-        hidden = max(distance, 1) * layer
+        copy, hidden = costs[0], max(distance, 1) * costs[1]
         return max(floor, copy / (copy + hidden)) if copy + hidden > 0 else floor
 
-    def observe_layer(self, seconds: float) -> None:
-        """One layer step's compute time, measured by the runtime on a step that waited for no copy."""
+    def observe_layer(self, seconds: float, tokens: int = 1) -> None:
+        """One layer step's compute time over ``tokens`` tokens, measured by the runtime on a step that waited
+        for no copy. A new step size (prefill, then decode) starts the average afresh."""
         ms = seconds * 1e3
-        self.layer_ms = ms if self.layer_ms is None else 0.9 * self.layer_ms + 0.1 * ms
+        fresh = self.layer_ms is None or tokens != self._layer_tokens
+        self.layer_ms = ms if fresh else 0.9 * self.layer_ms + 0.1 * ms
+        self._layer_tokens = tokens
 
     def advance(self, current_layer: int) -> int:
         """Drop requests for layers at or before ``current_layer``; issue queued copies. Returns copies issued.

@@ -50,11 +50,11 @@ class Runtime:
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """One step of MoE layer ``layer``: ``hidden [T,H]``, ``top_k_index [T,k]``, ``top_k_weights [T,k]`` -> ``[T,H]``."""
+        ids, has_invalid = unique_experts(top_k_index, self.num_experts)  # syncs: earlier device work is done
         start = time.perf_counter()
-        self._time_previous_layer(layer, start)
-        ids, has_invalid = unique_experts(top_k_index, self.num_experts)
+        self._time_previous_layer(layer, start, hidden.shape[0])
         self.prefetcher.advance(layer)
-        misses = self.cache.stats[layer].misses
+        waits = self.cache.waits
         if not ids:
             return torch.zeros_like(hidden)
         if has_invalid:
@@ -69,19 +69,19 @@ class Runtime:
         if self.predictor is not None and not _capturing():
             self.predictor.observe(layer, top_k_index, top_k_weights, hidden)
             self.prefetcher.submit(self.predictor.predict(), layer)
-        self._last_layer = (layer, start, self.cache.stats[layer].misses == misses)
+        self._last_layer = (layer, start, self.cache.waits == waits)
         return out
 
-    def _time_previous_layer(self, layer: int, now: float) -> None:
-        """Feed the prefetcher's link budget the previous layer step's time when it waited for no demand copy.
+    def _time_previous_layer(self, layer: int, now: float, tokens: int) -> None:
+        """Feed the prefetcher's link budget the previous layer step's time when it waited for no copy.
 
-        Start to start of consecutive MoE layers: each layer's dedup syncs with the device, so on a GPU this
-        host interval is the layer's device time (attention included)."""
-        if self._last_layer is None:
+        Each layer's dedup syncs with the device, so the host interval between two consecutive layers' syncs is
+        one layer step of device time (its experts, the next attention and router)."""
+        if self._last_layer is None or _capturing():
             return
         previous, started, clean = self._last_layer
         if clean and layer == previous + 1:
-            self.prefetcher.observe_layer(now - started)
+            self.prefetcher.observe_layer(now - started, tokens)
 
     def _lut(self, ids: list[int], slots: list[int], fill: int) -> torch.Tensor:
         """Expert id -> slot id table ``[E]`` on the device (one small host->device copy)."""

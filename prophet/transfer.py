@@ -29,6 +29,8 @@ class Load:
 class CopyEngine:
     """Interface of a copy engine. Slots are named by their device tensor (its address is unique across pools)."""
 
+    blocking = False  # copy() returns only once the copy is done: the host waits for every copy
+
     def copy(self, dst: torch.Tensor, src: torch.Tensor, slot: int) -> Load:
         """Start copying ``src`` (host slab) into ``dst`` (device slot ``slot``)."""
         raise NotImplementedError
@@ -58,6 +60,8 @@ class CopyEngine:
 
 class SyncCopyEngine(CopyEngine):
     """Synchronous copies; the time a copy takes is stall, since nothing overlaps it."""
+
+    blocking = True
 
     def __init__(self) -> None:
         self._stall = 0.0

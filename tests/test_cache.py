@@ -201,3 +201,12 @@ def test_wrap_measures_its_link_budget_by_default():
     from prophet.config import ProphetConfig
 
     assert ProphetConfig().prefetch.auto_budget and not PrefetchConfig().auto_budget
+
+
+def test_a_new_step_size_restarts_the_layer_time_average():
+    pf = Prefetcher(make_cache(make_store(), slots_per_layer=2), PrefetchConfig(auto_budget=True))
+    pf.observe_layer(0.050, tokens=64)  # a prefill layer
+    pf.observe_layer(0.001, tokens=1)  # decode: the prefill time must not linger in the average
+    assert pf.layer_ms == pytest.approx(1.0)
+    pf.observe_layer(0.003, tokens=1)
+    assert pf.layer_ms == pytest.approx(1.2)

@@ -239,3 +239,27 @@ def test_cuda_copy_engine_times_its_copies():
     engine.finish(engine.copy(dst, src, 0))
     ms = engine.mean_copy_ms()
     assert ms is not None and 0.1 < ms < 100  # 32 MiB over PCIe: about 0.6 ms at 52 GB/s
+
+
+def test_layer_times_for_the_link_budget_leave_out_steps_that_waited_for_copies():
+    import time
+
+    from prophet.predict import CoOccurrencePredictor
+    from prophet.transfer import SyncCopyEngine
+
+    class SlowLink(SyncCopyEngine):
+        def copy(self, dst, src, slot):
+            time.sleep(0.05)  # every copy stalls the step that waits for it by 50 ms
+            return super().copy(dst, src, slot)
+
+    model = prophet.wrap(tiny_mixtral(experts=8, layers=4), device="cpu", slots_per_layer=6,
+                         predictor=CoOccurrencePredictor(4, 8, 2))
+    runtime = runtime_of(model)
+    runtime.cache.engine = SlowLink()
+    samples = []
+    observe = runtime.prefetcher.observe_layer
+    runtime.prefetcher.observe_layer = lambda seconds, tokens=1: (samples.append(seconds), observe(seconds, tokens))
+    with torch.no_grad():
+        model.generate(torch.randint(0, 96, (1, 3)), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert prophet.stats(model).total.misses > 0 and len(samples) >= 3
+    assert max(samples) < 0.04  # no sample holds a 50 ms copy

@@ -244,7 +244,9 @@ def fig_g_link_budget() -> None:
           "of the shared Mixtral trace, replayed on the other) with no prefetch, with every prediction copied, and "
           "with copies only where the compute they can hide outweighs the link time they waste "
           "(score >= copy / (copy + d x layer)); LRU, LFU and Belady (dashed, no prefetch) for reference. At batch 1 "
-          "over PCIe the link is the bottleneck, so copying every prediction loses speed despite a higher hit rate.")
+          "over PCIe the link is the bottleneck, so copying every prediction loses speed despite a higher hit rate; "
+          "at batch 8 a layer computes longer, the budget lets every prediction through and the three coincide. "
+          "LRU thrashes at batch 8: each step's experts over all layers cycle through more slots than the pool has.")
 
 
 FIGURES: list[Callable[[], None]] = [fig_a_hit_rate, fig_b_recall, fig_c_dedup, fig_d_vram, fig_e_context, fig_f_breakdown,
