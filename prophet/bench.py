@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
+
 from prophet.errors import ProphetError, TraceError, UnsupportedModelError
 from prophet.models.registry import get_spec, list_specs
 from prophet.models.spec import ModelSpec
@@ -195,8 +197,6 @@ def simulate(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: s
 
 def _decode_device(args: argparse.Namespace) -> Any:
     """Where to measure decode, or None to simulate."""
-    import torch
-
     if args.simulate:
         return None
     if args.device == "cpu":
@@ -249,8 +249,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _device_name(device: Any) -> str:
     import platform
 
-    import torch
-
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
 
 
@@ -278,8 +276,6 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
     """Decode on ``device`` for each policy (and the baselines with ``--compare``), beside the simulator's
     estimate of the same run and the bounds. Random weights run the first ``--layers`` layers (default: as many
     as host memory holds) with the plan's share of slots; a checkpoint runs whole with the plan's slots."""
-    import torch
-
     from prophet import decode as dec
     from prophet.config import PrefetchConfig
     from prophet.load import load
@@ -301,6 +297,9 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
                           "(transformers' attention); plan and simulate other KV dtypes with --simulate")
     warmup, steps = args.warmup, args.steps
     positions = PROMPT_TOKENS + warmup + steps
+    if positions > memory.ctx:
+        raise _UsageError(f"--ctx {memory.ctx} is shorter than the {positions} positions decoded (a {PROMPT_TOKENS}-token "
+                          "prompt, --warmup and --steps); raise --ctx or lower --steps")
     if args.weights == "real":
         if args.layers is not None:
             raise _UsageError("--layers applies to --weights random; a checkpoint runs whole")
@@ -308,7 +307,7 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
         model = load(args.model, dtype=dtype, device=device, cache_slots=slots)
         why = "checkpoint weights, the model's own routing"
     else:
-        layers = args.layers or dec.layers_that_fit(spec, torch.bfloat16)
+        layers = args.layers or dec.layers_that_fit(spec, dtype)
         spec_run = dec.truncate(spec, layers)
         moe = spec_run.num_moe_layers
         slots = max(1, round(_slots(args, memory) * moe / spec.num_moe_layers))
@@ -355,9 +354,9 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
             if r["policy"] == "all-resident":
                 continue
             policy, predictor_name = _policy_args(r["policy"], args)
-            whole, prefix = (
+            whole, prefix = (  # one link budget for both, so the prefix is the start of the same replay
                 replay(routes, spec_run, profile, policy=policy, cache_slots=slots, batch=args.batch,
-                       context=memory.ctx, sched=s, progress=False,
+                       context=memory.ctx, sched=s, progress=False, prefetch=budget,
                        predictor=make_predictor(predictor_name, fit, sched) if predictor_name else None)
                 for s in (sched, head)
             )
@@ -409,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         record = run(args)
     except ProphetError as exc:
         print(f"prophet-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.OutOfMemoryError) as exc:  # the device or the host ran out
+        print(f"prophet-bench: error: out of memory ({str(exc).splitlines()[0][:200]}); lower --slots, --ctx, --batch "
+              "or --layers", file=sys.stderr)
         return 2
     line = json.dumps(record)
     if args.out:

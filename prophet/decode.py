@@ -100,12 +100,14 @@ def _counters(model: nn.Module) -> dict[str, float]:
 
 
 def decode(model: nn.Module, routing: ForcedRouting | None, *, batch: int, prompt: int, steps: int, warmup: int,
-           kv: Any = None, progress: bool = False, seed: int = 0) -> dict[str, Any]:
+           kv: Any = None, progress: bool = False, seed: int = 0,
+           after_prefill: Callable[[], None] | None = None) -> dict[str, Any]:
     """Greedy decode: a ``prompt``-token prefill, ``warmup`` untimed steps, then ``steps`` timed steps.
 
     ``routing`` (when given) must hold ``prompt + warmup + steps`` positions. ``kv`` is a transformers cache to
-    reuse (reset first); by default a `DynamicCache`. Returns tokens/s, the step time, Prophet's counters over
-    the timed steps (when the model is wrapped), host->device GB/s and peak device memory.
+    reuse (reset first); by default a `DynamicCache`. ``after_prefill`` runs between the prefill and the first
+    decode step. Returns tokens/s, the step time, Prophet's counters over the timed steps (when the model is
+    wrapped), host->device GB/s and peak device memory.
     """
     from transformers import DynamicCache
 
@@ -115,8 +117,6 @@ def decode(model: nn.Module, routing: ForcedRouting | None, *, batch: int, promp
     ids = torch.randint(3, model.config.get_text_config().vocab_size, (batch, prompt), generator=gen).to(device)
     if kv is None:
         kv = DynamicCache(config=model.config)
-    else:
-        kv.reset()
     if routing is not None:
         routing.reset()
 
@@ -132,7 +132,10 @@ def decode(model: nn.Module, routing: ForcedRouting | None, *, batch: int, promp
             torch.cuda.synchronize(device)
 
     with torch.inference_mode():
+        kv.reset()  # inside inference mode: a cache that lazily made inference tensors can only change there
         token = step(ids, 0)
+        if after_prefill is not None:
+            after_prefill()
         for i in range(warmup):
             token = step(token, prompt + i)
         sync()
@@ -213,19 +216,37 @@ def _resident(model: nn.Module, layers: list[MoELayer], routing: ForcedRouting |
                     "why": f"experts need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free on the device"}
     try:
         unwrap(model)
-    except torch.cuda.OutOfMemoryError as exc:
+    except torch.OutOfMemoryError as exc:
         raise CapacityError(f"all-resident baseline: the experts ({need / 1e9:.1f} GB) do not fit on the device") from exc
-    backend = None
-    if device.type == "cuda" and hasattr(model, "set_experts_implementation"):
-        try:
-            model.set_experts_implementation("batched_mm")  # the fastest resident backend at decode sizes (H100)
-            backend = "batched_mm"
-        except (ValueError, KeyError, AttributeError):
-            backend = None
+    # transformers' batched_mm gathers one expert's weights per (token, choice): the fastest resident backend at
+    # decode sizes on the H100, but a prefill's gather would take gigabytes, so the prefill runs eager.
+    decode_backend = _resident_backend(model, device, decode_args["batch"] * layers[0].top_k)
+    switch = None
+    if decode_backend != "default":
+        model.set_experts_implementation("eager")
+
+        def switch() -> None:
+            model.set_experts_implementation(decode_backend)
+
     if routing is not None:
         routing.attach(layers)
-    r = decode(model, routing, **decode_args)
-    return {"policy": "all-resident", "fits": True, "hit_rate": 1.0, "experts_backend": backend or "default", **r}
+    try:
+        r = decode(model, routing, **decode_args, after_prefill=switch)
+    except torch.OutOfMemoryError as exc:
+        return {"policy": "all-resident", "fits": False, "tokens_per_s": None, "why": f"out of memory while decoding: {exc}"}
+    return {"policy": "all-resident", "fits": True, "hit_rate": 1.0, "experts_backend": decode_backend, **r}
+
+
+def _resident_backend(model: nn.Module, device: torch.device, gathered: int) -> str:
+    """The transformers experts backend for resident decode: batched_mm on CUDA while a step gathers few
+    (``gathered`` = batch x top-k) experts' weights."""
+    if device.type != "cuda" or gathered > 16 or not hasattr(model, "set_experts_implementation"):
+        return "default"
+    try:
+        model.set_experts_implementation("batched_mm")
+    except (ValueError, KeyError):
+        return "default"
+    return "batched_mm"
 
 
 def kv_cache_for(model: nn.Module, device: torch.device, positions: int, ctx: int, batch: int, dtype: torch.dtype) -> Any:

@@ -4,7 +4,9 @@ A model with random weights routes near-uniformly, which makes an expert cache l
 each layer's choice from a real trace gives realistic caching (the trace's popularity, reuse and co-occurrence)
 without the real weights: the experts module of every MoE layer gets a forward pre-hook that replaces its
 ``top_k_index`` argument with the trace's ids for the tokens of the current forward. The router's own weights are
-kept, and so is its choice wherever the trace recorded none (id -1). The hooks sit on whatever module is the layer's experts when `attach` runs (the family's own, or Prophet's
+kept, and so is its choice wherever the trace recorded none (id -1); such a filled-in choice may repeat an expert
+the trace gave the same token (run twice, each with its weight), and the simulator, which skips unrecorded ids,
+differs from the real run on those rows. The hooks sit on whatever module is the layer's experts when `attach` runs (the family's own, or Prophet's
 `OffloadedExperts`), so a wrapped and an unwrapped model replay identical routing.
 """
 

@@ -61,7 +61,10 @@ class HostStore:
         return data
 
     def close(self) -> None:
-        """Unlock the registered layers (their memory stays valid until the last view of it is gone)."""
+        """Unlock the registered layers (their memory stays valid until the last view of it is gone), once no
+        copy from them can still be running."""
+        if self._registered:
+            torch.cuda.synchronize()
         while self._registered:
             unregister(self._registered.pop())
 

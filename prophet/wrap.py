@@ -206,17 +206,23 @@ def reconfigure(
     runtime = runtime_of(model)
     if (cache_slots is None) == (slots_per_layer is None):
         raise ConfigError("reconfigure needs exactly one of cache_slots (a shared pool) or slots_per_layer")
+    if (cache_slots or slots_per_layer or 0) < 1:
+        raise CapacityError(f"reconfigure: {cache_slots or slots_per_layer} slots cannot run any expert; give at least 1")
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)  # no copy into the old pool may still be running when it is freed
     store, total = runtime.store, runtime.store.num_layers * runtime.store.num_experts
     factory = policy if callable(policy) else (lambda: make_policy(policy))
     old_config = runtime.prefetcher.config
     runtime.cache = runtime.prefetcher = None  # drop every reference to the old pool before the new one is allocated
-    runtime.cache = _new_cache(
-        store, runtime.device, factory,
-        None if cache_slots is None else min(cache_slots, total),
-        None if slots_per_layer is None else min(slots_per_layer, store.num_experts),
-    )
+    try:
+        runtime.cache = _new_cache(
+            store, runtime.device, factory,
+            None if cache_slots is None else min(cache_slots, total),
+            None if slots_per_layer is None else min(slots_per_layer, store.num_experts),
+        )
+    except torch.OutOfMemoryError as exc:
+        raise CapacityError(f"reconfigure: the new slot pool does not fit on {runtime.device} ({exc}); call "
+                            "reconfigure again with fewer slots before running the model") from exc
     runtime.prefetcher = Prefetcher(runtime.cache, prefetch or old_config)
     runtime.predictor = predictor
     return runtime
@@ -236,6 +242,8 @@ def runtime_of(model: nn.Module) -> Runtime:
 def unwrap(model: nn.Module) -> nn.Module:
     """Undo `wrap`: the original experts modules come back, with bit-identical parameters, on the model's device."""
     runtime = runtime_of(model)
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)  # prefetches for the next token may still be copying into slots
     with torch.no_grad():
         for li, (layer, shapes) in enumerate(zip(runtime.layers, runtime.expert_shapes, strict=True)):
             for name, p in layer.experts.named_parameters():

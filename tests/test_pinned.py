@@ -1,5 +1,7 @@
 """The host store locks its layers at their exact size (torch's pinned allocator would round up to 2^n)."""
 
+import io
+
 import pytest
 import torch
 
@@ -33,6 +35,7 @@ class FakeCudart:
 def fake(monkeypatch):
     cudart = FakeCudart()
     monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: cudart.unregistered.append("sync"))
     monkeypatch.setattr(pinned, "EXACT_MIN_BYTES", 1 << 20)
     return cudart
 
@@ -44,17 +47,18 @@ def test_large_layers_are_registered_at_their_exact_size_and_unregistered_on_clo
     assert store.allocate(0) is a  # allocated once
     store.write(0, 3, {k: torch.full(v, 2.0) for k, v in FMT.shapes.items()})
     store.close()
-    assert sorted(fake.unregistered) == sorted(fake.registered)
+    assert fake.unregistered[0] == "sync"  # no copy may still read the memory when it is unlocked
+    assert sorted(fake.unregistered[1:]) == sorted(fake.registered)
     assert torch.all(store.read(0, 3)["w1"] == 2.0)  # the memory outlives the lock
     store.close()
-    assert len(fake.unregistered) == 2  # close is idempotent
+    assert len(fake.unregistered) == 3  # close is idempotent
 
 
 def test_a_dropped_store_unlocks_its_memory(fake):
     store = HostStore(num_layers=1, num_experts=5, fmt=FMT, dtype=torch.float32, pin=True)
     ptr = store.allocate(0).data_ptr()
     del store
-    assert fake.unregistered == [ptr]
+    assert fake.unregistered == ["sync", ptr]
 
 
 def test_unpinned_stores_never_touch_cuda(fake):
@@ -73,10 +77,31 @@ def test_a_refused_registration_falls_back_to_torch_pinning(monkeypatch, fake):
         kwargs.pop("pin_memory", None)  # this CPU build cannot pin; record that it was asked to
         return real_empty(*args, **kwargs)
 
+    cleared = []
+    monkeypatch.setattr(pinned, "_clear_cuda_error", cleared.append)
     monkeypatch.setattr(torch, "empty", empty)
     with pytest.warns(RuntimeWarning, match="power of two"):
         t, registered = pinned.pinned_empty((5, FMT.numel), torch.float32)
     assert not registered and calls[-1] is True and t.shape == (5, FMT.numel)
+    assert cleared == [2]  # the failed call's error is cleared, or torch would raise it at a later kernel
+
+
+def test_an_uncleared_cuda_error_or_a_failed_fallback_is_a_capacity_error(monkeypatch, fake):
+    from prophet.errors import CapacityError
+
+    maps = "7f00-7f01 r-xp 0 0:0 0 /usr/lib/libc.so.6\n"
+    monkeypatch.setattr(pinned, "open", lambda *a, **k: io.StringIO(maps), raising=False)
+    with pytest.raises(CapacityError, match="pin_memory=False"):
+        pinned._clear_cuda_error(2)  # no libcudart in the process: say so instead of failing later
+    monkeypatch.undo()
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(pinned, "EXACT_MIN_BYTES", 1 << 40)
+    monkeypatch.setattr(torch, "empty", refuse)
+    with pytest.raises(CapacityError, match="ulimit -l"):
+        pinned.pinned_empty((5, FMT.numel), torch.float32)
 
 
 @pytest.mark.gpu

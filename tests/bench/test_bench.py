@@ -191,3 +191,8 @@ def test_predictor_serves_prophet_only_and_baselines_stay_on_demand(capsys):
     assert code == 0 and by_policy["lru"]["prefetches"] == by_policy["lfu"]["prefetches"] == 0
     assert by_policy["lru"]["predictor"] is None and by_policy["prophet"]["predictor"] == "cooccurrence"
     assert "out of sample" in record["trace"]["predictor_fit"]
+
+
+def test_a_context_too_short_for_the_decode_is_refused_before_building(capsys):
+    code, out, err = run(capsys, "--model", "mixtral-tiny", "--ctx", "20", *MEASURE)
+    assert code == 2 and "is shorter than the 24 positions decoded" in err and "building" not in err

@@ -210,3 +210,18 @@ def test_decode_into_a_static_cache_matches_a_dynamic_one():
         dec.decode(model, routing, kv=kv, **kwargs)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(logits, dynamic, strict=True))
         logits[:] = []
+
+
+@pytest.mark.parametrize("name", ["jamba", "mixtral"])
+def test_a_reused_kv_cache_is_reset_for_each_run(name):
+    from prophet.wrap import allocate_kv_cache
+
+    spec = get_spec(name).tiny()
+    model = spec.tiny_model(seed=2)
+    kv = allocate_kv_cache(model, torch.device("cpu"), 32, 1, torch.float32, static=True)
+    logits = []
+    model.lm_head.register_forward_hook(lambda mod, a, o: logits.append(o[:, -1]))
+    for _ in range(2):
+        dec.decode(model, None, batch=1, prompt=3, steps=2, warmup=1, kv=kv)
+    first, second = logits[:4], logits[4:]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(first, second, strict=True))
