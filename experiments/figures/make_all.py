@@ -68,8 +68,8 @@ def fig_a_hit_rate() -> None:
     _save(fig, "a_hit_rate_vs_capacity",
           "(a) Hit rate vs per-layer cache capacity, batch 1, replayed through Prophet's ExpertCache on the shared "
           "real traces. belady (dashed) is the offline-optimal eviction without prefetch; 'prophet' is "
-          "prediction-aware eviction plus co-occurrence prefetch (fitted on the same trace, so optimistic), and "
-          "prefetched experts count as hits, which is why it can exceed belady.")
+          "prediction-aware eviction by path matching plus prefetch within the link budget (fitted on the same "
+          "trace, so optimistic); prefetched experts count as hits.")
 
 
 def _recall_reports() -> list[dict[str, Any]]:
@@ -165,7 +165,9 @@ def fig_d_vram() -> None:
     _save(fig, "d_tokens_vs_vram",
           "(d) Modelled decode speed vs GPU memory budget per policy, with the bounds: all experts resident (even "
           "where they would not fit), oracle (Belady + perfect prefetch at the same link bandwidth and capacity) and "
-          "every expert copied without overlap. Slots from prophet.plan (one shared pool); Mixtral on the shared "
+          "every expert copied without overlap. 'prophet': path-matching eviction and prefetch within the link "
+          "budget, fitted on the replayed trace (in sample; figure (g) is out of sample). "
+          "Slots from prophet.plan (one shared pool); Mixtral on the shared "
           "real trace, DeepSeek-V2-Lite on a synthetic trace of its shape. Datasheet GPU, measured/practical PCIe.")
 
 
