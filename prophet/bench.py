@@ -366,6 +366,10 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
             r["sim_hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
     out["bounds"] = bounds(spec_run, profile, args.batch, trace=routes, cache_slots=slots if routes else None,
                            context=memory.ctx, sched=sched, progress=progress)
+    limit = out["bounds"].get("oracle", out["bounds"]["all_resident"])["tokens_per_s"]
+    for r in results:
+        if r.get("tokens_per_s") is not None:
+            r["of_bound"] = r["tokens_per_s"] / limit  # share of the oracle bound (all-resident without a trace)
     return out
 
 
@@ -390,6 +394,8 @@ def _report(sim: dict[str, Any], file: Any) -> None:
             line += f"  h2d {r['h2d_gb_per_s']:.1f} GB/s"
         if r.get("peak_vram_gb") is not None:
             line += f"  peak VRAM {r['peak_vram_gb']:.1f} GB"
+        if r.get("of_bound") is not None:
+            line += f"  {r['of_bound']:.0%} of the bound"
         if r.get("sim_tokens_per_s") is not None:
             line += f"  (simulated: hit {r['sim_hit_rate']:.3f}, {r['sim_tokens_per_s']:.2f} tok/s)"
         print(line, file=file)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -143,14 +144,19 @@ def decode(model: nn.Module, routing: ForcedRouting | None, *, batch: int, promp
             torch.cuda.reset_peak_memory_stats(device)
         before = _counters(model)
         start = time.perf_counter()
+        marks = [start]
         for i in tqdm(range(steps), desc="decode", unit="step", disable=not progress, leave=False):
             token = step(token, prompt + warmup + i)
-        sync()
-        seconds = time.perf_counter() - start
+            sync()
+            marks.append(time.perf_counter())
+        seconds = marks[-1] - start
     after = _counters(model)
+    step_ms = np.diff(marks) * 1e3  # [steps]
     out: dict[str, Any] = {
         "tokens_per_s": batch * steps / seconds,
         "step_ms": seconds / steps * 1e3,
+        "step_ms_median": float(np.median(step_ms)),
+        "step_ms_p90": float(np.percentile(step_ms, 90)),
         "timed_steps": steps,
         "peak_vram_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
     }

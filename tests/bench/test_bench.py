@@ -124,7 +124,8 @@ def test_measured_decode_on_the_cpu_reports_each_policy_beside_the_simulator(cap
     for name in ("lru", "prophet"):
         r = by_policy[name]
         assert 0 < r["hit_rate"] < 1 and 0 < r["sim_hit_rate"] < 1 and r["tokens_per_s"] > 0 and r["slots_total"] == 6
-        assert r["h2d_gb_per_token"] > 0 and r["timed_steps"] == 6
+        assert r["h2d_gb_per_token"] > 0 and r["timed_steps"] == 6 and r["of_bound"] > 0
+        assert 0 < r["step_ms_median"] <= r["step_ms_p90"]
     assert by_policy["prophet"]["prefetches"] > 0 and by_policy["lru"]["prefetches"] == 0
     assert by_policy["all-resident"]["fits"] and by_policy["all-resident"]["tokens_per_s"] > 0
     assert record["bounds"]["oracle"]["hit_rate"] > 0
@@ -196,3 +197,16 @@ def test_predictor_serves_prophet_only_and_baselines_stay_on_demand(capsys):
 def test_a_context_too_short_for_the_decode_is_refused_before_building(capsys):
     code, out, err = run(capsys, "--model", "mixtral-tiny", "--ctx", "20", *MEASURE)
     assert code == 2 and "is shorter than the 24 positions decoded" in err and "building" not in err
+
+
+@pytest.mark.gpu
+def test_measured_decode_on_the_gpu(capsys):
+    """The GPU path end to end on a toy model: bf16, pinned store, side-stream copies, static KV, resident baseline."""
+    code, out, err = run(capsys, "--model", "mixtral-tiny", "--device", "cuda", "--slots", "6", "--compare",
+                         "--steps", "8", "--warmup", "2", "--no-progress")
+    record = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and record["mode"] == "measured" and record["model_run"]["dtype"] == "bfloat16"
+    by_policy = {r["policy"]: r for r in record["results"]}
+    for name in ("lru", "prophet"):
+        assert by_policy[name]["peak_vram_gb"] > 0 and by_policy[name]["h2d_gb_per_s"] > 0
+    assert by_policy["all-resident"]["fits"] and by_policy["all-resident"]["tokens_per_s"] > 0
