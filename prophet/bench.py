@@ -279,7 +279,6 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
     from prophet import decode as dec
     from prophet.config import PrefetchConfig
     from prophet.load import load
-    from prophet.policies import PredictionAware
     from prophet.predict.data import as_router_trace
     from prophet.sim import CostModel, bounds, expected_distinct, get_profile, replay, schedule
     from prophet.sim.replay import make_predictor
@@ -339,7 +338,7 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
                   "run without one", file=sys.stderr)
             continue
         predictor = make_predictor(predictor_name, fit, sched)
-        factory = (lambda p=predictor: PredictionAware(p.eviction_score)) if policy == "predicted" else policy
+        factory = predictor.policy_factory() if policy == "predicted" else policy
         runs.append(dec.PolicyRun(name, factory, predictor, budget))
     results = dec.run_policies(model, runs, routing, cache_slots=slots, batch=args.batch, prompt=PROMPT_TOKENS,
                                steps=steps, warmup=warmup, kv=kv, resident=args.compare, progress=progress)

@@ -121,8 +121,11 @@ class ScoredPolicy(EvictionPolicy):
     def remove(self, key: Key) -> None:
         self.base.remove(key)
 
+    def scores(self, candidates: Sequence[Key]) -> list[float]:
+        return [self.score(k) for k in candidates]
+
     def victim(self, candidates: Sequence[Key]) -> Key:
-        scores = [self.score(k) for k in candidates]
+        scores = self.scores(candidates)
         low = min(scores)
         tied = [k for k, s in zip(candidates, scores, strict=True) if s == low]
         return tied[0] if len(tied) == 1 else self.base.victim(tied)
@@ -154,8 +157,13 @@ class PredictionAware(ScoredPolicy):
 
     name = "predicted"
 
-    def __init__(self, scorer: Callable[[int, int], float], base: EvictionPolicy | None = None) -> None:
+    def __init__(self, scorer: Callable[[int, int], float], base: EvictionPolicy | None = None,
+                 batch: Callable[[Sequence[Key]], list[float]] | None = None) -> None:
         super().__init__(lambda key: scorer(*key), base)
+        self._batch = batch  # scorer of many keys at once (same values), for pools of many slots
+
+    def scores(self, candidates: Sequence[Key]) -> list[float]:
+        return self._batch(candidates) if self._batch is not None else super().scores(candidates)
 
 
 class Belady(ScoredPolicy):

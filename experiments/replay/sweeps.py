@@ -172,7 +172,6 @@ def context() -> Path:
 
 def prefetch() -> Path:
     from prophet.config import PrefetchConfig
-    from prophet.policies import PredictionAware
     from prophet.predict.pathmatch import PathMatchPredictor
 
     spec, trace = get_spec("mixtral-8x7b"), _trace(MIXTRAL_TRACE)
@@ -192,7 +191,7 @@ def prefetch() -> Path:
                 point["results"].append({**replay(test, spec, "h100-sxm", policy=pol, **common).to_dict(), "policy": pol})
             for name, config in variants.items():
                 pred = PathMatchPredictor(spec.num_moe_layers, spec.num_experts, spec.top_k).fit([train])
-                r = replay(test, spec, "h100-sxm", policy=lambda p=pred: PredictionAware(p.eviction_score),
+                r = replay(test, spec, "h100-sxm", policy=pred.policy_factory(),
                            predictor=pred, prefetch=config, **common)
                 point["results"].append({**r.to_dict(), "policy": name})
             runs.append(point)

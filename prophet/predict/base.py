@@ -146,21 +146,38 @@ class RoutingPredictor:
         a layer after acquiring it, so during a demand miss that is the step being acquired, which is why a
         second occurrence (one token later) is counted too.
         """
-        version, per_layer = self._evict_memo
+        return self._keep(layer, occurrences)[expert]
+
+    def eviction_scores(self, keys: Sequence[tuple[int, int]]) -> list[float]:
+        """`eviction_score` of many ``(layer, expert)`` keys at once: what choosing a victim among a pool's
+        slots asks, without a call per slot."""
+        rows = self._keep_rows(sorted({layer for layer, _ in keys}), 2)
+        return [rows[layer][expert] for layer, expert in keys]
+
+    def _keep(self, layer: int, occurrences: int) -> list[float]:
+        return self._keep_rows([layer], occurrences)[layer]
+
+    def _keep_rows(self, layers: list[int], occurrences: int) -> dict[int, list[float]]:
+        """Keep-priorities ``[E]`` of each of ``layers``, memoized until the next observation; the layers not yet
+        known are scored in one scores() call, however many slots ask."""
+        version, memo = self._evict_memo
         if version != self.version:
-            per_layer = {}
-            self._evict_memo = (self.version, per_layer)
-        keep = per_layer.get(layer)
-        if keep is None:  # one scores() call per layer per observation, however many slots ask
-            first = (layer - self.layer - 1) % self.num_layers + 1
-            dist = first + self.num_layers * np.arange(occurrences)
-            keep = per_layer[layer] = self.scores(dist).sum(axis=0)
-        return float(keep[expert])
+            memo = {}
+            self._evict_memo = (self.version, memo)
+        missing = [layer for layer in layers if (layer, occurrences) not in memo]
+        if missing:
+            first = (np.asarray(missing) - self.layer - 1) % self.num_layers + 1  # [M]
+            dist = (first[:, None] + self.num_layers * np.arange(occurrences)).ravel()  # [M * occurrences]
+            keep = self.scores(dist).reshape(len(missing), occurrences, -1).sum(axis=1)  # [M, E]
+            for layer, row in zip(missing, keep.tolist(), strict=True):
+                memo[layer, occurrences] = row
+        return {layer: memo[layer, occurrences] for layer in layers}
 
     def policy_factory(self, base: Callable[[], EvictionPolicy] | None = None) -> Callable[[], PredictionAware]:
         """Prediction-aware eviction reading this predictor, as the ``policy`` factory `ExpertCache` takes
         (the runtime must feed this same predictor); ties go to a policy from ``base`` (LRU by default)."""
-        return lambda: PredictionAware(self.eviction_score, base() if base is not None else None)
+        return lambda: PredictionAware(self.eviction_score, base() if base is not None else None,
+                                       batch=self.eviction_scores)
 
     # ---- for subclasses --------------------------------------------------------------------------------------
     def _new_token(self, batch: int) -> None:

@@ -170,6 +170,8 @@ def _policy_factory(
     if policy == "predicted":
         if not hasattr(predictor, "eviction_score"):
             raise ConfigError("policy='predicted' needs a predictor with eviction_score (a prophet.predict predictor)")
+        if hasattr(predictor, "policy_factory"):
+            return policy, predictor.policy_factory()
         return policy, lambda: PredictionAware(predictor.eviction_score)
     if policy not in POLICY_FACTORIES:
         known = ", ".join(sorted([*POLICY_FACTORIES, "belady", "predicted"]))

@@ -69,3 +69,26 @@ def test_belady_fails_loudly_when_the_replay_strays_from_its_future():
     policy.touch((0, 1))
     with pytest.raises(ConfigError, match="access stream"):
         policy.touch((0, 1))
+
+
+@pytest.mark.parametrize("name", ["cooccurrence", "pathmatch", "frequency"])
+def test_batched_eviction_scores_equal_one_at_a_time(name):
+    """A shared pool asks for every slot's keep-priority at once; the batched path must agree key for key."""
+    from prophet.predict import pathmatch, statistical
+
+    cls = {"cooccurrence": statistical.CoOccurrencePredictor, "pathmatch": pathmatch.PathMatchPredictor,
+           "frequency": statistical.FrequencyPredictor}[name]
+    tr = skewed_trace(3)
+    pred = cls(3, 8, 2).fit([tr])
+    rng = np.random.default_rng(0)
+    for t in range(6):
+        for layer in range(3):
+            pred.observe(layer, tr.experts[t, layer][None], tr.weights[t, layer][None])
+            keys = [(int(lay), int(e)) for lay, e in zip(rng.integers(0, 3, 20), rng.integers(0, 8, 20), strict=True)]
+            assert pred.eviction_scores(keys) == [pred.eviction_score(*k) for k in keys]
+            single, batched = PredictionAware(pred.eviction_score), pred.policy_factory()()
+            distinct = list(dict.fromkeys(keys))
+            for k in distinct:  # the same recency order in both, for ties
+                single.insert(k)
+                batched.insert(k)
+            assert single.victim(distinct) == batched.victim(distinct)

@@ -168,7 +168,6 @@ def test_link_budget_makes_prophet_at_least_as_fast_as_lru_out_of_sample(mixtral
     """Batch 1 over PCIe is link-bound: copying every prediction spends link time that a layer's compute cannot
     hide. Within the budget, prediction-aware eviction with path matching (fit on sequence 0, replayed on
     sequence 1) is clearly faster than LRU and than copying every prediction."""
-    from prophet.policies import PredictionAware
     from prophet.predict.pathmatch import PathMatchPredictor
 
     train, test = mixtral_trace.sequences([0]), mixtral_trace.sequences([1])
@@ -176,7 +175,7 @@ def test_link_budget_makes_prophet_at_least_as_fast_as_lru_out_of_sample(mixtral
 
     def prophet(prefetch):
         p = PathMatchPredictor(32, 8, 2).fit([train])
-        return replay(test, MIXTRAL, H100, policy=lambda: PredictionAware(p.eviction_score), predictor=p,
+        return replay(test, MIXTRAL, H100, policy=p.policy_factory(), predictor=p,
                       prefetch=prefetch, **kw)
 
     lru = replay(test, MIXTRAL, H100, **kw)
