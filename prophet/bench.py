@@ -66,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
                    help="random weights: build the first N layers only (default: all whose experts fit in host RAM)")
     p.add_argument("--slots", type=int, default=None, help="expert slots for the whole model, instead of the plan's")
     p.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp16 or fp8")
-    p.add_argument("--trace", default=None, help="router trace to replay (default: synthetic, for the model's shape)")
+    p.add_argument("--trace", default=None, help="router trace to replay or force (default: synthetic, for the "
+                   "model's shape); with --weights real, the routing the predictor learns from")
     p.add_argument("--policy", default="lru,prophet", help="comma list: lru, lfu, fifo, belady, prophet")
     p.add_argument("--predictor", default=None, help="predictor of the prophet policy (default: pathmatch); "
                    "the other policies run on demand")
@@ -225,9 +226,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hardware = get_profile(profile).to_dict()
     ctx = args.ctx or spec.context_length
     memory = plan(spec, device_bytes or profile, ctx, args.batch, kv_dtype=args.kv_dtype)
-    if args.weights == "real" and args.trace is not None:
-        raise _UsageError("--trace forces routing of random weights; with --weights real the model routes itself")
-    trace, info = (None, None) if args.weights == "real" else load_trace(args.trace, spec, not args.no_progress)
+    real_untraced = args.weights == "real" and args.trace is None
+    trace, info = (None, None) if real_untraced else load_trace(args.trace, spec, not args.no_progress)
     if detected:
         memory = dataclasses.replace(memory, gpu=detected)
         hardware["detected"] = detected
@@ -302,7 +302,10 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
     if args.weights == "real":
         if args.layers is not None:
             raise _UsageError("--layers applies to --weights random; a checkpoint runs whole")
-        spec_run, slots, routes, fit, routing, sched = spec, _slots(args, memory), None, None, None, None
+        spec_run, slots, routes, routing, sched = spec, _slots(args, memory), None, None, None
+        fit = None if trace is None else as_router_trace(trace)  # a trace recorded from this model, to learn from
+        if info is not None:
+            info["predictor_fit"] = "this trace (the model routes itself; the trace only trains the predictor)"
         model = load(args.model, dtype=dtype, device=device, cache_slots=slots)
         why = "checkpoint weights, the model's own routing"
     else:
@@ -333,9 +336,9 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
         if predictor_name is None:
             runs.append(dec.PolicyRun(name, policy))
             continue
-        if routes is None:
-            print(f"prophet-bench: skipping --policy {name}: its predictor is fitted on a trace, and real weights "
-                  "run without one", file=sys.stderr)
+        if fit is None:
+            print(f"prophet-bench: skipping --policy {name}: its predictor learns from a trace; give --trace, one "
+                  "recorded from this model (prophet.trace.record)", file=sys.stderr)
             continue
         predictor = make_predictor(predictor_name, fit, sched)
         factory = predictor.policy_factory() if policy == "predicted" else policy

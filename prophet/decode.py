@@ -33,7 +33,8 @@ from prophet.models.spec import ModelSpec
 from prophet.routing import ForcedRouting
 from prophet.wrap import allocate_kv_cache, is_wrapped, reconfigure, runtime_of, unwrap, wrap
 
-HOST_FRACTION = 0.6  # share of host RAM the pinned experts of a random model may take; the rest is headroom
+HOST_FRACTION = 0.7  # share of host RAM the pinned experts of a random model may take (Mixtral's 84 GiB
+# fit a 128 GiB host); the rest is headroom
 INIT_STD = 0.02  # transformers' default initializer_range
 
 

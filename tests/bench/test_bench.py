@@ -149,7 +149,16 @@ def test_real_weights_from_a_checkpoint_route_themselves(capsys, tmp_path):
     assert code == 0 and record["trace"] is None and record["model_run"]["weights"] == "real"
     assert [r["policy"] for r in record["results"]] == ["lru", "all-resident"]  # prophet needs a trace to fit on
     assert 0 < record["results"][0]["hit_rate"] < 1
-    assert "skipping --policy prophet" in err
+    assert "skipping --policy prophet" in err and "give --trace" in err
+    spec = get_spec("olmoe").tiny()
+    from prophet.trace.synth import synthetic_trace
+
+    synthetic_trace(spec.num_moe_layers, spec.num_experts, spec.top_k, tokens_per_sequence=32).save(tmp_path / "t")
+    code, out, err = run(capsys, "--model", str(tmp_path), "--weights", "real", "--slots", "20",
+                         "--trace", str(tmp_path / "t"), *MEASURE)
+    record = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and [r["policy"] for r in record["results"]] == ["lru", "prophet"]
+    assert "only trains the predictor" in record["trace"]["predictor_fit"] and "sim_hit_rate" not in record["results"][1]
 
 
 @pytest.mark.parametrize(
@@ -159,7 +168,7 @@ def test_real_weights_from_a_checkpoint_route_themselves(capsys, tmp_path):
         (["--policy", "prophet", "--predictor", "oracle"], "use --simulate for it"),
         (["--weights", "real"], "--layers applies to --weights random"),
         (["--layers", "5"], "give 1 to 2"),
-        (["--trace", "x", "--weights", "real"], "with --weights real the model routes itself"),
+        (["--trace", "x", "--weights", "real"], "no such file"),
         (["--kv-dtype", "fp8"], "plan and simulate other KV dtypes with --simulate"),
     ],
 )
