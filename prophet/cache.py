@@ -183,6 +183,27 @@ class ExpertCache:
         self.stats[layer].prefetches += 1
         return True
 
+    def holds_everything(self) -> bool:
+        """True when every expert of every layer can have a slot at once: nothing would ever be evicted."""
+        if self.shared:
+            return self.num_slots >= self.store.num_layers * self.store.num_experts
+        return all(pool.num_slots >= self.store.num_experts for pool in self.pools)
+
+    def preload(self) -> list[list[int]]:
+        """Load every expert into its own slot for good (`holds_everything` must hold); returns the slot of each
+        ``[layer][expert]``. The copies count as bytes moved, not as misses; the host waits for them."""
+        if not self.holds_everything():
+            raise CapacityError("preload needs a slot for every expert of every layer; raise cache_slots")
+        slots = [[self._load(self.pool(layer), (layer, e), prefetch=False) for e in range(self.store.num_experts)]
+                 for layer in range(self.store.num_layers)]
+        for load in self._loads:
+            self.engine.finish(load)
+        self._loads = []
+        for pool in self.pools:
+            for slot in pool.slots:
+                slot.load = None
+        return slots
+
     def inflight(self) -> int:
         """Copies not yet known complete, over all pools."""
         self._loads = [load for load in self._loads if not self.engine.done(load)]

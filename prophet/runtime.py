@@ -45,11 +45,26 @@ class Runtime:
         self.plan: Plan | None = None  # the memory plan, when wrap was given max_context
         self.kv_cache: Any = None  # the transformers cache that plan sized, to pass to generate()
         self._last_layer: tuple[int, float, bool] | None = None  # (layer, start time, no demand miss)
+        self._resident: list[torch.Tensor] | None = None  # per layer [E] expert -> slot, when all are resident
+        self._resident_hits: torch.Tensor | None = None  # [L] distinct experts used, counted on the device
+
+    def settle(self) -> None:
+        """When the cache holds every expert, load them all now and run layers without the host: the slot of
+        each expert never changes, so ids map to slots on the device, with no sync, no eviction and no
+        prefetch (the predictor is not consulted). Otherwise layers go through the cache step by step."""
+        self._resident = self._resident_hits = None
+        if not self.cache.holds_everything():
+            return
+        slots = self.cache.preload()
+        self._resident = [torch.tensor(row, dtype=torch.int32, device=self.device) for row in slots]
+        self._resident_hits = torch.zeros(len(slots), dtype=torch.int64, device=self.device)
 
     def run_layer(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """One step of MoE layer ``layer``: ``hidden [T,H]``, ``top_k_index [T,k]``, ``top_k_weights [T,k]`` -> ``[T,H]``."""
+        if self._resident is not None:
+            return self._run_resident(layer, hidden, top_k_index, top_k_weights)
         ids, has_invalid = unique_experts(top_k_index, self.num_experts)  # syncs: earlier device work is done
         start = time.perf_counter()
         self._time_previous_layer(layer, start, hidden.shape[0])
@@ -82,6 +97,16 @@ class Runtime:
         previous, started, clean = self._last_layer
         if clean and layer == previous + 1:
             self.prefetcher.observe_layer(now - started, tokens)
+
+    def _run_resident(self, layer: int, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """Every expert resident: remap on the device; ids outside ``[0, E)`` (no expert) get weight 0."""
+        E = self.num_experts
+        valid = (top_k_index >= 0) & (top_k_index < E)  # [T,k]
+        ids = torch.where(valid, top_k_index, E)  # E: a spare bin for "no expert"
+        used = torch.zeros(E + 1, dtype=torch.bool, device=ids.device).scatter_(0, ids.flatten(), True)
+        self._resident_hits[layer] += used[:E].sum()
+        slot_ids = self._resident[layer][ids.clamp(max=E - 1)]  # [T,k]
+        return self._experts(layer, hidden, slot_ids, top_k_weights * valid)
 
     def _lut(self, ids: list[int], slots: list[int], fill: int) -> torch.Tensor:
         """Expert id -> slot id table ``[E]`` on the device (one small host->device copy)."""
@@ -124,8 +149,12 @@ class Runtime:
         return out
 
     def stats(self) -> RuntimeStats:
+        layers = [LayerStats(**asdict(s)) for s in self.cache.stats]
+        if self._resident_hits is not None:
+            for s, hits in zip(layers, self._resident_hits.tolist(), strict=True):
+                s.hits += hits
         return RuntimeStats(
-            layers=[LayerStats(**asdict(s)) for s in self.cache.stats],
+            layers=layers,
             stall_seconds=self.cache.engine.stall_seconds(),
             slots=self.cache.num_slots,
             slot_bytes=self.store.slab_bytes,

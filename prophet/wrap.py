@@ -181,6 +181,7 @@ def wrap(
     for layer in layers:
         setattr(layer.parent, layer.attr, OffloadedExperts(layer, runtime))
     model.to(dev)
+    runtime.settle()
     setattr(model, _ATTR, runtime)
     return model
 
@@ -225,6 +226,7 @@ def reconfigure(
                             "reconfigure again with fewer slots before running the model") from exc
     runtime.prefetcher = Prefetcher(runtime.cache, prefetch or old_config)
     runtime.predictor = predictor
+    runtime.settle()
     return runtime
 
 

@@ -78,7 +78,7 @@ def test_unwrap_restores_parameters_bit_for_bit():
 
 
 def test_stats_count_every_lookup():
-    model = prophet.wrap(tiny_mixtral(), device="cpu", slots_per_layer=4)
+    model = prophet.wrap(tiny_mixtral(), device="cpu", slots_per_layer=3)  # 3 of 4: the step-by-step cache
     with torch.no_grad():
         model(torch.randint(0, 96, (1, 1)))
         model(torch.randint(0, 96, (1, 1)))
@@ -87,6 +87,36 @@ def test_stats_count_every_lookup():
     assert 2 * 2 * 1 <= lookups <= 2 * 2 * 2  # 2 steps x 2 layers x (1 or 2 distinct experts)
     assert "hit rate" in st.table()
     assert st.to_dict()["total"]["bytes_h2d"] == st.total.misses * st.slot_bytes
+
+
+def test_a_cache_that_holds_every_expert_runs_without_the_host_and_counts_the_same_hits():
+    ids = [torch.randint(0, 96, (3, 5)) for _ in range(3)]
+    runs = {}
+    for slots in (7, 8):  # 8 = 2 layers x 4 experts: everything resident, remapped on the device
+        model = tiny_mixtral(seed=4)
+        with torch.no_grad():
+            ref = [model(x).logits for x in ids]
+            prophet.wrap(model, device="cpu", cache_slots=slots)
+            outs = [model(x).logits for x in ids]
+        assert all(rel_diff(o, r) <= 1e-5 for o, r in zip(outs, ref, strict=True))
+        runs[slots] = (runtime_of(model), prophet.stats(model))
+    (partial, st7), (resident, st8) = runs[7], runs[8]
+    assert partial._resident is None and resident._resident is not None
+    assert st8.total.misses == 0 and st8.total.bytes_h2d == 8 * st8.slot_bytes  # each expert copied once, up front
+    assert st8.total.hits == st7.total.hits + st7.total.misses  # one count per distinct expert per step, as before
+    assert [s.hits for s in st8.layers] == [a.hits + a.misses for a in st7.layers]
+
+
+def test_resident_layers_treat_no_expert_ids_like_the_step_by_step_cache():
+    resident = runtime_of(prophet.wrap(tiny_mixtral(seed=5), device="cpu"))
+    stepwise = runtime_of(prophet.wrap(tiny_mixtral(seed=5), device="cpu", slots_per_layer=3))
+    assert resident._resident is not None and stepwise._resident is None
+    hidden = torch.randn(3, 32)
+    index = torch.tensor([[0, 1], [2, 4], [-1, 3]])  # 4 and -1 mean "no expert" (4 = E)
+    weights = torch.rand(3, 2)
+    out = resident.run_layer(0, hidden, index, weights)
+    assert torch.allclose(out, stepwise.run_layer(0, hidden, index, weights), atol=1e-6)
+    assert resident.stats().layers[0].hits == 4  # experts 0-3, each once
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
