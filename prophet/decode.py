@@ -91,6 +91,7 @@ def random_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, cach
                 continue
             for e in range(store.num_experts):
                 slab[e].copy_(torch.empty(slab.shape[1], dtype=dtype, device=device).normal_(0.0, INIT_STD, generator=gen))
+    reconfigure(model, cache_slots=cache_slots)  # a fresh cache over the filled store (a resident one loads now)
     return model
 
 

@@ -136,6 +136,16 @@ def test_random_model_has_drawn_weights_and_a_filled_store():
         assert torch.isfinite(model(torch.randint(3, 100, (1, 5))).logits).all()
 
 
+def test_a_random_model_that_fits_whole_holds_the_drawn_experts_in_its_slots():
+    total = SPEC.num_moe_layers * SPEC.num_experts
+    runtime = runtime_of(dec.random_model(SPEC, torch.float32, torch.device("cpu"), cache_slots=total))
+    assert runtime._resident is not None  # loaded at wrap, so the slots must hold the store as filled after it
+    pool = runtime.cache.pools[0].data  # [S, numel]
+    for layer in range(SPEC.num_moe_layers):
+        for e in range(SPEC.num_experts):
+            assert torch.equal(pool[int(runtime._resident[layer][e])], runtime.store.slab(layer, e))
+
+
 def test_reconfigure_swaps_the_cache_and_keeps_outputs(monkeypatch):
     wrap_module = importlib.import_module("prophet.wrap")  # the package attribute prophet.wrap is the function
 
