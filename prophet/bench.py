@@ -417,8 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     except ProphetError as exc:
         print(f"prophet-bench: error: {exc}", file=sys.stderr)
         return 2
-    except (MemoryError, torch.OutOfMemoryError) as exc:  # the device or the host ran out
-        print(f"prophet-bench: error: out of memory ({str(exc).splitlines()[0][:200]}); lower --slots, --ctx, --batch "
+    except (MemoryError, RuntimeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        text = str(exc) or type(exc).__name__
+        if not isinstance(exc, MemoryError) and not any(s in text for s in ("out of memory", "can't allocate memory")):
+            raise
+        print(f"prophet-bench: error: out of memory ({text.splitlines()[0][:200]}); lower --slots, --ctx, --batch "
               "or --layers", file=sys.stderr)
         return 2
     line = json.dumps(record)

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from prophet.config import PrefetchConfig
-from prophet.errors import CapacityError, ConfigError
+from prophet.errors import ConfigError
 from prophet.models.adapter import MoELayer
 from prophet.models.spec import ModelSpec
 from prophet.routing import ForcedRouting
@@ -214,47 +214,56 @@ def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting
 def _resident(model: nn.Module, layers: list[MoELayer], routing: ForcedRouting | None, **decode_args: Any) -> dict[str, Any]:
     """Every expert on the device in the family's own experts modules (transformers' fastest backend there)."""
     runtime = runtime_of(model)
-    device, need = runtime.device, runtime.store.nbytes
+    device, need, expert_bytes = runtime.device, runtime.store.nbytes, runtime.store.slab_bytes
     reconfigure(model, cache_slots=1)  # give the slot pool's memory back first
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the old pool's block is cached by torch, which the driver counts as used
         free = torch.cuda.mem_get_info(device)[0]
         if need > free * 0.95:
-            return {"policy": "all-resident", "fits": False, "tokens_per_s": None,
-                    "why": f"experts need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free on the device"}
+            return _does_not_fit(f"experts need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free on the device")
     try:
         unwrap(model)
-    except torch.OutOfMemoryError as exc:
-        raise CapacityError(f"all-resident baseline: the experts ({need / 1e9:.1f} GB) do not fit on the device") from exc
-    # transformers' batched_mm gathers one expert's weights per (token, choice): the fastest resident backend at
-    # decode sizes on the H100, but a prefill's gather would take gigabytes, so the prefill runs eager.
-    decode_backend = _resident_backend(model, device, decode_args["batch"] * layers[0].top_k)
-    switch = None
-    if decode_backend != "default":
-        model.set_experts_implementation("eager")
-
-        def switch() -> None:
-            model.set_experts_implementation(decode_backend)
-
+    except torch.cuda.OutOfMemoryError as exc:
+        return _does_not_fit(f"out of memory moving the experts ({need / 1e9:.1f} GB) to the device: {exc}")
     if routing is not None:
         routing.attach(layers)
+    # transformers' batched_mm gathers one expert's weights per (token, choice): the fastest resident backend at
+    # decode sizes on the H100 while that gather stays small, but a prefill's would take gigabytes: prefill eager.
+    gathered = decode_args["batch"] * layers[0].top_k * expert_bytes
+    fast = device.type == "cuda" and gathered <= BATCHED_MM_BYTES and _set_backend(model, "batched_mm")
+    if fast:
+        _set_backend(model, "eager")
+        try:
+            r = decode(model, routing, **decode_args, after_prefill=lambda: _set_backend(model, "batched_mm"))
+            return {"policy": "all-resident", "fits": True, "hit_rate": 1.0, "experts_backend": "batched_mm", **r}
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    if device.type == "cuda":
+        _set_backend(model, "eager")  # grouped_mm, the default, ran 8x slower than eager at decode on the H100
     try:
-        r = decode(model, routing, **decode_args, after_prefill=switch)
-    except torch.OutOfMemoryError as exc:
-        return {"policy": "all-resident", "fits": False, "tokens_per_s": None, "why": f"out of memory while decoding: {exc}"}
-    return {"policy": "all-resident", "fits": True, "hit_rate": 1.0, "experts_backend": decode_backend, **r}
+        r = decode(model, routing, **decode_args)
+    except torch.cuda.OutOfMemoryError as exc:
+        return _does_not_fit(f"out of memory while decoding: {exc}")
+    backend = getattr(model.config, "_experts_implementation", None) or "default"
+    return {"policy": "all-resident", "fits": True, "hit_rate": 1.0, "experts_backend": backend, **r}
 
 
-def _resident_backend(model: nn.Module, device: torch.device, gathered: int) -> str:
-    """The transformers experts backend for resident decode: batched_mm on CUDA while a step gathers few
-    (``gathered`` = batch x top-k) experts' weights."""
-    if device.type != "cuda" or gathered > 16 or not hasattr(model, "set_experts_implementation"):
-        return "default"
+BATCHED_MM_BYTES = 4 << 30  # most expert weights transformers' batched_mm may gather in one decode step
+
+
+def _does_not_fit(why: str) -> dict[str, Any]:
+    return {"policy": "all-resident", "fits": False, "tokens_per_s": None, "why": why}
+
+
+def _set_backend(model: nn.Module, name: str) -> bool:
+    """Select transformers' experts backend ``name``; False where the model has no such switch or ignores it."""
+    if not hasattr(model, "set_experts_implementation"):
+        return False
     try:
-        model.set_experts_implementation("batched_mm")
+        model.set_experts_implementation(name)
     except (ValueError, KeyError):
-        return "default"
-    return "batched_mm"
+        return False
+    return getattr(model.config, "_experts_implementation", None) == name
 
 
 def kv_cache_for(model: nn.Module, device: torch.device, positions: int, ctx: int, batch: int, dtype: torch.dtype) -> Any:

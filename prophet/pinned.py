@@ -30,6 +30,7 @@ def pinned_empty(shape: Sequence[int], dtype: torch.dtype) -> tuple[torch.Tensor
         err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))  # 0: cudaHostRegisterDefault
         if err == 0:
             return t, True
+        del t  # do not hold the pageable copy while torch's allocator makes the pinned one
         _clear_cuda_error(err)
         warnings.warn(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed (cudaError {err}); using torch's pinned "
                       "allocator, which rounds the size up to a power of two", RuntimeWarning, stacklevel=2)
@@ -57,11 +58,17 @@ def _clear_cuda_error(err: int) -> None:
     """
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line and not line.rstrip().endswith("(deleted)")}
     except OSError:
         paths = set()
-    for path in paths:
-        ctypes.CDLL(path).cudaGetLastError()
+    cleared = False
+    for path in sorted(paths):  # every runtime loaded: which one torch uses is not known here
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+            cleared = True
+        except (OSError, AttributeError):
+            continue
+    if cleared:
         return
     raise CapacityError(f"a CUDA host-memory call failed (cudaError {err}) and the error could not be cleared; "
                         "pass config=ProphetConfig(pin_memory=False) to keep experts in pageable memory")

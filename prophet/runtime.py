@@ -68,8 +68,8 @@ class Runtime:
         ids, has_invalid = unique_experts(top_k_index, self.num_experts)  # syncs: earlier device work is done
         start = time.perf_counter()
         self._time_previous_layer(layer, start, hidden.shape[0])
+        waits = self.cache.waits  # before advance: copies it issues fall inside this step's interval
         self.prefetcher.advance(layer)
-        waits = self.cache.waits
         if not ids:
             return torch.zeros_like(hidden)
         if has_invalid:

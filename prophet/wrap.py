@@ -189,6 +189,7 @@ def wrap(
 def _new_cache(store: HostStore, dev: torch.device, policy: Callable[[], EvictionPolicy],
                cache_slots: int | None, slots_per_layer: int | None) -> ExpertCache:
     engine = CudaCopyEngine(dev) if dev.type == "cuda" else SyncCopyEngine()
+    engine.blocking = engine.blocking or not store.pinned  # a copy from pageable memory holds the host
     return ExpertCache(store, dev, engine, policy, cache_slots=cache_slots, slots_per_layer=slots_per_layer)
 
 
@@ -221,7 +222,7 @@ def reconfigure(
             None if cache_slots is None else min(cache_slots, total),
             None if slots_per_layer is None else min(slots_per_layer, store.num_experts),
         )
-    except torch.OutOfMemoryError as exc:
+    except torch.cuda.OutOfMemoryError as exc:
         raise CapacityError(f"reconfigure: the new slot pool does not fit on {runtime.device} ({exc}); call "
                             "reconfigure again with fewer slots before running the model") from exc
     runtime.prefetcher = Prefetcher(runtime.cache, prefetch or old_config)

@@ -115,3 +115,17 @@ def test_registered_store_is_pinned_and_copies_asynchronously():
     torch.cuda.synchronize()
     assert torch.equal(dev.cpu(), slab)
     store.close()
+
+
+@pytest.mark.gpu
+def test_a_refused_registration_leaves_no_cuda_error_behind():
+    t = torch.empty(16 << 20, dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    assert int(cudart.cudaHostRegister(t.data_ptr(), t.numel(), 0)) == 0
+    err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel(), 0))  # already registered: refused
+    assert err != 0
+    pinned._clear_cuda_error(err)
+    x = torch.ones(4, device="cuda") * 2  # a kernel launch checks the last error: it must be clear
+    torch.cuda.synchronize()
+    assert x.sum().item() == 8
+    pinned.unregister(t)

@@ -279,7 +279,7 @@ def test_layer_times_for_the_link_budget_leave_out_steps_that_waited_for_copies(
 
     class SlowLink(SyncCopyEngine):
         def copy(self, dst, src, slot):
-            time.sleep(0.05)  # every copy stalls the step that waits for it by 50 ms
+            time.sleep(0.1)  # every copy stalls the step that waits for it by 100 ms
             return super().copy(dst, src, slot)
 
     model = prophet.wrap(tiny_mixtral(experts=8, layers=4), device="cpu", slots_per_layer=6,
@@ -292,4 +292,4 @@ def test_layer_times_for_the_link_budget_leave_out_steps_that_waited_for_copies(
     with torch.no_grad():
         model.generate(torch.randint(0, 96, (1, 3)), max_new_tokens=24, do_sample=False, pad_token_id=0)
     assert prophet.stats(model).total.misses > 0 and len(samples) >= 3
-    assert max(samples) < 0.04  # no sample holds a 50 ms copy
+    assert max(samples) < 0.08  # no sample holds a 100 ms copy (a layer step takes about 10 ms here)

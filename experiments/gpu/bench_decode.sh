@@ -11,8 +11,11 @@ ln -sfn "$PWD/kernels" prophet/kernels
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 out="${OUT:-experiments/results}"
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/bench tests/test_pinned.py tests/test_wrap.py tests/test_cache.py
+tests=0  # the benchmark runs even when a test fails; the script's status reports both
+python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu tests/bench tests/test_pinned.py tests/test_wrap.py \
+  tests/test_cache.py || tests=$?
 trace=()
 if [ $# -gt 0 ]; then trace=(--trace "$1"); fi
 python3 -m prophet.bench --model mixtral --ctx 128k --weights random --compare --no-progress "${trace[@]}" \
   --out "$out/prophet_bench_mixtral_128k_${gpu}.json"
+exit "$tests"

@@ -124,8 +124,8 @@ def test_measured_decode_on_the_cpu_reports_each_policy_beside_the_simulator(cap
     for name in ("lru", "prophet"):
         r = by_policy[name]
         assert 0 < r["hit_rate"] < 1 and 0 < r["sim_hit_rate"] < 1 and r["tokens_per_s"] > 0 and r["slots_total"] == 6
-        assert r["h2d_gb_per_token"] > 0 and r["timed_steps"] == 6 and r["of_bound"] > 0
-        assert 0 < r["step_ms_median"] <= r["step_ms_p90"]
+        assert r["h2d_gb_per_token"] > 0 and r["timed_steps"] == 6 and r["step_ms_median"] > 0
+        assert r["of_bound"] == pytest.approx(r["tokens_per_s"] / record["bounds"]["oracle"]["tokens_per_s"])
     assert by_policy["prophet"]["prefetches"] > 0 and by_policy["lru"]["prefetches"] == 0
     assert by_policy["all-resident"]["fits"] and by_policy["all-resident"]["tokens_per_s"] > 0
     assert record["bounds"]["oracle"]["hit_rate"] > 0
@@ -219,3 +219,25 @@ def test_measured_decode_on_the_gpu(capsys):
     for name in ("lru", "prophet"):
         assert by_policy[name]["peak_vram_gb"] > 0 and by_policy[name]["h2d_gb_per_s"] > 0
     assert by_policy["all-resident"]["fits"] and by_policy["all-resident"]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                 RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")])
+def test_running_out_of_memory_is_one_line_and_exit_code_2(capsys, monkeypatch, exc):
+    import prophet.bench as bench
+
+    def oom(args):
+        raise exc
+
+    monkeypatch.setattr(bench, "run", oom)
+    code, out, err = run(capsys, "--model", "mixtral-tiny")
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1 and "out of memory" in lines[0] and "lower --slots" in lines[0]
+
+
+def test_other_runtime_errors_are_not_disguised_as_out_of_memory(monkeypatch):
+    import prophet.bench as bench
+
+    monkeypatch.setattr(bench, "run", lambda args: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["--model", "mixtral-tiny"])
