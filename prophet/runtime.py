@@ -44,7 +44,7 @@ class Runtime:
         self.expert_shapes: list[dict[str, torch.Size]] = []  # original parameter shapes, for unwrap
         self.plan: Plan | None = None  # the memory plan, when wrap was given max_context
         self.kv_cache: Any = None  # the transformers cache that plan sized, to pass to generate()
-        self._last_layer: tuple[int, float, bool] | None = None  # (layer, start time, no demand miss)
+        self._last_layer: tuple[int, float, bool] | None = None  # (layer, start time, waited for no copy)
         self._resident: list[torch.Tensor] | None = None  # per layer [E] expert -> slot, when all are resident
         self._resident_hits: torch.Tensor | None = None  # [L] distinct experts used, counted on the device
 
