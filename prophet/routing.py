@@ -66,11 +66,6 @@ class ForcedRouting:
         if len(layers) > self.experts.shape[1]:
             raise TraceError(f"the trace has {self.experts.shape[1]} MoE layers, the model {len(layers)}")
         for i, layer in enumerate(layers):
-            if layer.unpack_call is not None:
-                raise UnsupportedModelError(
-                    f"{layer.name}: forced routing needs experts called as experts(hidden, top_k_index, top_k_weights); "
-                    "this family packs its call differently"
-                )
             module = getattr(layer.parent, layer.attr)
             self._handles.append(module.register_forward_pre_hook(self._hook(i), with_kwargs=True))
         return self
@@ -85,11 +80,17 @@ class ForcedRouting:
             if self._current is None:
                 raise TraceError("forced routing: call begin(tokens_per_lane) before each forward")
             forced = self._current[:, layer]  # [T, K]
+            if len(args) < 2 and "top_k_index" not in kwargs:
+                raise UnsupportedModelError(
+                    f"{type(module).__name__}: forced routing needs experts called as experts(hidden, top_k_index, "
+                    "top_k_weights); this family calls its experts differently"
+                )
             given = args[1] if len(args) > 1 else kwargs["top_k_index"]
             if given.shape != forced.shape:
                 raise TraceError(
                     f"MoE layer {layer}: the model routes {tuple(given.shape)} (tokens, top-k) but the trace gives "
-                    f"{tuple(forced.shape)}; use a trace of this model's top-k and call begin() with the tokens per lane"
+                    f"{tuple(forced.shape)}; use a trace of this model's top-k and call begin() with the tokens per "
+                    "lane (a family whose experts take a routing mask instead of top_k_index cannot be forced)"
                 )
             forced = torch.where(forced >= 0, forced, given)  # unrecorded: the router's own choice
             if len(args) > 1:

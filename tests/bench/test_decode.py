@@ -181,9 +181,23 @@ def test_forced_routing_refuses_mismatches():
     top1.detach()
     with pytest.raises(TraceError, match="MoE layers"):
         ForcedRouting(r.experts[:, :1], np.zeros((4, 1), dtype=np.int64), "cpu").attach(layers)
-    dbrx = get_spec("dbrx").tiny_model()
-    with pytest.raises(UnsupportedModelError, match="forced routing"):
-        ForcedRouting(r.experts, np.zeros((4, 1), dtype=np.int64), "cpu").attach(moe_layers(dbrx))
+    with pytest.raises(UnsupportedModelError, match="forced routing needs experts called"), torch.no_grad():
+        ForcedRouting(r.experts, np.zeros((4, 1), dtype=np.int64), "cpu").attach(layers).begin(1)
+        moe_layers(model)[0].experts(torch.randn(1, 64))  # called without its routing
+
+
+def test_dbrx_experts_take_forced_routing_from_3d_hidden_states():
+    spec = get_spec("dbrx").tiny()
+    trace = as_router_trace(synthetic_trace(spec.num_moe_layers, spec.num_experts, spec.top_k, num_sequences=1,
+                                            tokens_per_sequence=16, progress=False))
+    model = spec.tiny_model(seed=1)
+    routing = ForcedRouting(trace.experts, np.array([[3, 9], [4, 10]]), "cpu").attach(moe_layers(model))
+    seen = record_indices(model)
+    routing.begin(2)
+    with torch.no_grad():
+        model(torch.randint(3, 100, (2, 2)))
+    for layer in range(spec.num_moe_layers):
+        assert np.array_equal(seen[layer][0].numpy(), trace.experts[[3, 4, 9, 10], layer])
 
 
 def test_layers_are_cut_to_what_host_memory_holds():
