@@ -176,7 +176,8 @@ def simulate(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: s
     from prophet.sim.replay import make_predictor
 
     progress = not args.no_progress
-    routes, fit = as_router_trace(trace), fit_trace(args, spec, trace, info)
+    routes = as_router_trace(trace)
+    fit = fit_trace(args, spec, trace, info) if _needs_predictor(args) else None
     sched = schedule(routes, args.batch, args.steps)
     slots = _slots(args, memory)
     common = {"cache_slots": slots, "batch": args.batch, "context": memory.ctx, "sched": sched, "progress": progress}
@@ -264,6 +265,11 @@ def _policy_args(name: str, args: argparse.Namespace) -> tuple[str, str | None]:
     return policy_args(name, args.predictor if name in ("prophet", "predicted") else None)
 
 
+def _needs_predictor(args: argparse.Namespace) -> bool:
+    """Whether any requested policy learns from a trace (so its training routing must be made)."""
+    return any(_policy_args(name, args)[1] is not None for name in _policies(args))
+
+
 def _policies(args: argparse.Namespace) -> list[str]:
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     if args.compare and "lru" not in policies:
@@ -314,7 +320,7 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
         moe = spec_run.num_moe_layers
         slots = max(1, round(_slots(args, memory) * moe / spec.num_moe_layers))
         routes = _first_layers(as_router_trace(trace), moe)
-        fit = _first_layers(fit_trace(args, spec, trace, info), moe)
+        fit = _first_layers(fit_trace(args, spec, trace, info), moe) if _needs_predictor(args) else None
         sched = schedule(routes, args.batch, positions)
         routing = dec.ForcedRouting(routes.experts, sched.rows, device)
         if layers < spec.num_layers:
@@ -378,8 +384,8 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
 def _report(sim: dict[str, Any], file: Any) -> None:
     t, b = sim["trace"], sim["bounds"]
     if t is not None:
-        print(f"trace: {t['name']} ({t['tokens']} tokens), {t['origin']}; predictors fitted on "
-              f"{t.get('predictor_fit', 'nothing')}", file=file)
+        fitted = f"; predictors fitted on {t['predictor_fit']}" if "predictor_fit" in t else ""
+        print(f"trace: {t['name']} ({t['tokens']} tokens), {t['origin']}{fitted}", file=file)
     oracle = b.get("oracle", {}).get("tokens_per_s")
     print(f"bounds tok/s: all-resident {b['all_resident']['tokens_per_s']:.2f} "
           f"(fits: {b['all_resident']['fits']}), all-miss {b['all_miss']['tokens_per_s']:.2f}"
