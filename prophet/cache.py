@@ -135,33 +135,38 @@ class ExpertCache:
         self.step += 1
         stats = self.stats[layer]
         slots: dict[int, int] = {}  # expert -> slot
-        # Hits are pinned before any miss loads, so a miss can never evict an expert this same step needs.
-        for e in experts:
-            s = pool.slot_of.get((layer, e))
-            if s is not None:
-                stats.hits += 1
+        try:
+            # Hits are pinned before any miss loads, so a miss can never evict an expert this same step needs.
+            for e in experts:
+                s = pool.slot_of.get((layer, e))
+                if s is not None:
+                    stats.hits += 1
+                    slot = pool.slots[s]
+                    if slot.prefetched:
+                        stats.prefetch_hits += 1
+                        slot.prefetched = False
+                    slot.pins += 1
+                    slots[e] = s
+                    pool.policy.touch((layer, e))
+            for e in experts:
+                if e not in slots:
+                    stats.misses += 1
+                    s = self._load(pool, (layer, e), prefetch=False)
+                    pool.slots[s].pins += 1
+                    slots[e] = s
+                    pool.policy.touch((layer, e))
+            ordered = [slots[e] for e in experts]
+            for s in ordered:
                 slot = pool.slots[s]
-                if slot.prefetched:
-                    stats.prefetch_hits += 1
-                    slot.prefetched = False
-                slot.pins += 1
-                pool.policy.touch((layer, e))
-                slots[e] = s
-        for e in experts:
-            if e not in slots:
-                stats.misses += 1
-                s = self._load(pool, (layer, e), prefetch=False)
-                pool.slots[s].pins += 1
-                pool.policy.touch((layer, e))
-                slots[e] = s
-        ordered = [slots[e] for e in experts]
-        for s in ordered:
-            slot = pool.slots[s]
-            if slot.load is not None:
-                self.waits += not self.engine.done(slot.load)
-                self.engine.wait(slot.load)
-                if self.engine.done(slot.load):
-                    slot.load = None
+                if slot.load is not None:
+                    self.waits += not self.engine.done(slot.load)
+                    self.engine.wait(slot.load)
+                    if self.engine.done(slot.load):
+                        slot.load = None
+        except BaseException:
+            self.release(layer, list(slots.values()))  # nothing read them: the step that failed holds no pin
+            self.repair()
+            raise
         return ordered
 
     def release(self, layer: int, slots: Sequence[int]) -> None:
@@ -248,8 +253,11 @@ class ExpertCache:
 
     def _load(self, pool: SlotPool, key: Key, prefetch: bool) -> int:
         s = self._take_slot(pool, for_prefetch=prefetch)
-        src = self.store.slab(*key)
-        load = self.engine.copy(pool.data[s], src, s)
+        try:
+            load = self.engine.copy(pool.data[s], self.store.slab(*key), s)
+        except BaseException:
+            pool.free.append(s)  # the slot was emptied for this copy: give it back, as if never taken
+            raise
         self.waits += self.engine.blocking
         pool.slots[s] = _Slot(key=key, load=None if self.engine.done(load) else load, prefetched=prefetch, born=self.step)
         if pool.slots[s].load is not None:
@@ -258,6 +266,39 @@ class ExpertCache:
         pool.policy.insert(key)
         self.stats[key[0]].bytes_h2d += load.nbytes
         return s
+
+    # ---- recovery ------------------------------------------------------------------------------------------
+    def pinned(self) -> int:
+        """Pins held over all pools (0 between steps)."""
+        return sum(slot.pins for pool in self.pools for slot in pool.slots)
+
+    def unpin_all(self) -> None:
+        """Release every pin, as the end of a step would: what a step interrupted by an exception still held.
+        Compute already issued on those slots stays ordered before any later copy into them."""
+        for pool in self.pools:
+            for s, slot in enumerate(pool.slots):
+                if slot.pins:
+                    slot.pins = 0
+                    self.engine.released(pool.data[s])
+        self.repair()
+
+    def repair(self) -> None:
+        """Make the expert -> slot map, the free list and the policy agree with the slots again, whatever
+        point an exception (KeyboardInterrupt included) left a load or an eviction at. A copy that was issued
+        stays known to the engine, so a slot is never reused under it."""
+        for pool in self.pools:
+            for s, slot in enumerate(pool.slots):
+                if slot.key is not None and pool.slot_of.get(slot.key) != s:
+                    if slot.key in pool.slot_of:  # another slot claims the key: this one is a stray copy
+                        pool.slots[s] = _Slot()
+                    else:
+                        pool.slot_of[slot.key] = s
+                        pool.policy.insert(slot.key)
+            for key, s in list(pool.slot_of.items()):
+                if pool.slots[s].key != key:
+                    del pool.slot_of[key]
+                    pool.policy.remove(key)
+            pool.free = [s for s in range(pool.num_slots - 1, -1, -1) if pool.slots[s].key is None]
 
     def total_stats(self) -> LayerStats:
         total = LayerStats()

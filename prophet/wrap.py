@@ -183,7 +183,30 @@ def wrap(
     model.to(dev)
     runtime.settle()
     setattr(model, _ATTR, runtime)
+    runtime.sequence_hook = model.register_forward_pre_hook(_sequence_starts(runtime), with_kwargs=True)
     return model
+
+
+def _sequence_starts(runtime: Runtime) -> Callable[..., None]:
+    """A forward pre-hook telling the runtime where a sequence starts, so predictors reset there: a forward
+    with no past keys and values, or with a dynamic cache still empty or a static one not yet allocated. A
+    static cache reused after `reset()` cannot be told apart without a host sync: call
+    `runtime_of(model).begin_sequence()` then."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        past = kwargs.get("past_key_values")
+        if past is None:
+            runtime.begin_sequence()
+            return
+        layers = getattr(past, "layers", None)
+        if layers is None:
+            return  # a cache type of its own: the caller says where sequences start
+        if not layers or not all(getattr(layer, "is_initialized", True) for layer in layers):
+            runtime.begin_sequence()  # static layers allocate at the first forward
+        elif all(type(layer).__name__ == "DynamicLayer" for layer in layers) and past.get_seq_length() == 0:
+            runtime.begin_sequence()
+
+    return hook
 
 
 def _new_cache(store: HostStore, dev: torch.device, policy: Callable[[], EvictionPolicy],
@@ -254,6 +277,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             for e in range(layer.num_experts):
                 layer.set_expert(e, runtime.store.read(li, e))
             setattr(layer.parent, layer.attr, layer.experts)
+    runtime.sequence_hook.remove()
     delattr(model, _ATTR)
     return model
 
