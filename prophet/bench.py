@@ -321,7 +321,7 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
         slots = max(1, round(_slots(args, memory) * moe / spec.num_moe_layers))
         routes = _first_layers(as_router_trace(trace), moe)
         fit = _first_layers(fit_trace(args, spec, trace, info), moe) if _needs_predictor(args) else None
-        sched = schedule(routes, args.batch, positions)
+        sched = schedule(routes, args.batch, 1 + warmup + steps, prompt=PROMPT_TOKENS)  # the prompt is one step
         routing = dec.ForcedRouting(routes.experts, sched.rows, device)
         if layers < spec.num_layers:
             why = ("--layers" if args.layers else f"host memory: {spec.num_layers} layers' experts exceed "
@@ -357,14 +357,14 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
                                          "weights": args.weights, "dtype": str(dtype).removeprefix("torch."),
                                          "why": why, "prompt_tokens": PROMPT_TOKENS, "warmup_steps": warmup}}
     if routes is not None:  # the simulator's estimate of the very same rows, for checking the cost model
-        head = schedule(routes, args.batch, PROMPT_TOKENS + warmup)  # the untimed prefix of the same rows
+        head = schedule(routes, args.batch, 1 + warmup, prompt=PROMPT_TOKENS)  # the untimed prefix of the same rows
         for r in results:
             if r["policy"] == "all-resident":
                 continue
             policy, predictor_name = _policy_args(r["policy"], args)
             whole, prefix = (  # one link budget for both, so the prefix is the start of the same replay
                 replay(routes, spec_run, profile, policy=policy, cache_slots=slots, batch=args.batch,
-                       context=memory.ctx, sched=s, progress=False, prefetch=budget,
+                       context=memory.ctx, sched=s, progress=False, prefetch=budget, sequences=False,
                        predictor=make_predictor(predictor_name, fit, sched) if predictor_name else None)
                 for s in (sched, head)
             )

@@ -84,6 +84,8 @@ class Step:
         try:
             if not ids:
                 self.prefetcher.advance(layer)
+                if after is not None:
+                    after(0, True)
             for index in range(waves):
                 wave = ids[index * capacity : (index + 1) * capacity]
                 if not wave:

@@ -194,7 +194,7 @@ def _sequence_starts(runtime: Runtime) -> Callable[..., None]:
     `runtime_of(model).begin_sequence()` then."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers renamed it to ``cache``
         if past is None:
             runtime.begin_sequence()
             return
