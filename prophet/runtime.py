@@ -53,34 +53,24 @@ class HostIds:
 
 
 class SlotTables:
-    """Expert id -> slot id tables ``[E]`` on the device, one row per wave, written on the host into pinned
-    staging and copied without a sync. A row is rewritten only after the next step's id copy has synchronized
-    the stream, so its previous copy is done by then."""
+    """Expert id -> slot id tables ``[E]`` on the device, one row per wave (at most E waves), written on the host
+    into pinned staging and copied without a sync. A row is rewritten only after the next step's id copy has
+    synchronized the stream, so its previous copy is done by then."""
 
     def __init__(self, num_experts: int, device: torch.device) -> None:
-        self.num_experts = num_experts
-        self.device = device
-        self._staging = torch.empty((0, num_experts), dtype=torch.int32)  # [W, E] pinned on CUDA
+        self.cuda = device.type == "cuda"
+        self._staging = torch.empty((num_experts, num_experts), dtype=torch.int32, pin_memory=self.cuda)  # [W, E]
         self._host = self._staging.numpy()
-        self._device = self._staging  # [W, E] on the device (the staging itself on CPU)
+        self._device = torch.empty_like(self._staging, device=device) if self.cuda else self._staging  # [W, E]
 
     def table(self, row: int, experts: list[int], slots: list[int], fill: int) -> torch.Tensor:
-        if row >= self._staging.shape[0]:
-            self._grow(row + 1)
         host = self._host[row]
         host.fill(fill)
         host[experts] = slots
-        if self.device.type != "cuda":
-            return self._device[row]
         out = self._device[row]
-        out.copy_(self._staging[row], non_blocking=True)
+        if self.cuda:
+            out.copy_(self._staging[row], non_blocking=True)
         return out
-
-    def _grow(self, rows: int) -> None:
-        cuda = self.device.type == "cuda"
-        self._staging = torch.empty((rows, self.num_experts), dtype=torch.int32, pin_memory=cuda)
-        self._host = self._staging.numpy()
-        self._device = torch.empty_like(self._staging, device=self.device) if cuda else self._staging
 
 
 class Runtime:
