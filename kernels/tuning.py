@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from prophet import envs
+from prophet.envs import kernel_config_dir
 from prophet.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def load_configs(
 ) -> dict[int, MoEConfig]:
     """The tuned table {pairs bucket: config} for this key, or {} (logged once) when no file has it."""
     name = config_file_name(hidden_size, intermediate_size, dtype, device, version)
-    extra = envs.kernel_config_dir()
+    extra = kernel_config_dir()
     folders = ([Path(extra)] if extra else []) + [CONFIG_DIR]
     for folder in folders:
         path = folder / name

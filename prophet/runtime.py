@@ -40,8 +40,8 @@ class HostIds:
 
     def fetch(self, ids: torch.Tensor) -> np.ndarray:
         """``ids [T,k]`` on the host as int64."""
-        if not self.cuda:
-            return ids.detach().to(torch.int64).numpy()
+        if not self.cuda:  # the host is the device: a view, no copy
+            return ids.numpy() if ids.dtype == torch.int64 and not ids.requires_grad else ids.detach().long().numpy()
         n = ids.numel()
         if self._buf is None or self._buf.numel() < n:
             self._buf = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
@@ -62,6 +62,17 @@ class SlotTables:
         self._staging = torch.empty((num_experts, num_experts), dtype=torch.int32, pin_memory=self.cuda)  # [W, E]
         self._host = self._staging.numpy()
         self._device = torch.empty_like(self._staging, device=device) if self.cuda else self._staging  # [W, E]
+
+    def remap(self, rows: np.ndarray, experts: list[int], slots: list[int], ids: torch.Tensor,
+              invalid: bool) -> torch.Tensor:
+        """Slot ids ``[T,k]`` of ``ids [T,k]`` (``rows``: the same ids on the host; ``invalid``: some lie outside
+        ``[0, E)``, and map to slot 0) when every expert of the step has a slot. A CPU device indexes the host
+        table directly."""
+        table = self.table(0, experts, slots, fill=0)
+        if self.cuda:
+            return table[ids]
+        host = self._host[0]
+        return torch.from_numpy(host[np.clip(rows, 0, len(host) - 1) if invalid else rows])
 
     def table(self, row: int, experts: list[int], slots: list[int], fill: int) -> torch.Tensor:
         host = self._host[row]
@@ -146,7 +157,7 @@ class Runtime:
         rows = self._ids.fetch(top_k_index)  # [T,k] on the host: the step's one sync
         ids, has_invalid = unique_experts(rows, self.num_experts)
         start = time.perf_counter()
-        capturing = _capturing()
+        capturing = self._ids.cuda and _capturing()
         if not capturing:
             self._time_previous_layer(layer, start, hidden.shape[0])
         waits = self.cache.waits  # before the step: copies it issues fall inside this step's interval
@@ -160,7 +171,7 @@ class Runtime:
         def compute(wave: Any, slots: list[int], index: int) -> None:
             nonlocal out
             if not waves:
-                slot_ids = self._tables.table(0, ids, slots, fill=0)[top_k_index]  # [T,k] remapped on the device
+                slot_ids = self._tables.remap(rows, ids, slots, top_k_index, has_invalid)  # [T,k] slot ids on the device
                 out = self._experts(layer, hidden, slot_ids, top_k_weights)
                 return
             slot_ids = self._tables.table(index, list(wave), slots, fill=-1)[top_k_index]  # -1: other waves

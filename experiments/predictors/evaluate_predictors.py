@@ -37,9 +37,9 @@ from prophet.predict import (
 )
 from prophet.predict.data import RouterTrace, load
 from prophet.predict.evaluate import recall_report
-from prophet.sim.replay import access_stream, replay_counts
 from prophet.predict.statistical import ActivationMatrixPredictor
 from prophet.provenance import git_sha
+from prophet.sim.replay import access_stream, replay_counts
 
 REPO = Path(__file__).resolve().parents[2]
 # slots: per-layer cache sizes of the README's whole-trace table; headline: where predictors are measured.

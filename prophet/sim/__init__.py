@@ -5,9 +5,9 @@ with `SimCopyEngine` (modelled link) and `CostModel` (roofline per layer) on a `
 the all-resident, all-miss and oracle limits that every result is reported beside.
 """
 
+from prophet.hardware import HardwareProfile, get_profile, list_profiles
 from prophet.sim.cost import CostModel, expected_distinct
 from prophet.sim.engine import SimCopyEngine
-from prophet.sim.hardware import HardwareProfile, get_profile, list_profiles
 from prophet.sim.replay import ReplayResult, Schedule, ScheduleOracle, bounds, replay, schedule
 
 __all__ = [

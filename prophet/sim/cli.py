@@ -13,11 +13,11 @@ import sys
 from typing import Any
 
 from prophet.errors import ConfigError
+from prophet.hardware import get_profile, list_profiles
 from prophet.models.registry import get_spec, list_specs
 from prophet.models.spec import ModelSpec
 from prophet.predict.data import RouterTrace, as_router_trace
 from prophet.provenance import git_sha, versions
-from prophet.sim.hardware import get_profile, list_profiles
 from prophet.sim.replay import bounds, make_predictor, policy_args, replay, schedule
 
 

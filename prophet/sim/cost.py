@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prophet.hardware import HardwareProfile
 from prophet.models.spec import ModelSpec
-from prophet.sim.hardware import HardwareProfile
 
 
 def _dtype_size(dtype: torch.dtype) -> int:

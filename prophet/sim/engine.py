@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prophet.sim.hardware import HardwareProfile
+from prophet.hardware import HardwareProfile
 from prophet.transfer import CopyEngine, Load
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from prophet.cache import ExpertCache
 from prophet.config import PrefetchConfig
 from prophet.errors import ConfigError
+from prophet.hardware import HardwareProfile, get_profile
 from prophet.models.adapter import ExpertFormat
 from prophet.models.registry import get_spec
 from prophet.models.spec import ModelSpec
@@ -34,7 +35,6 @@ from prophet.predict.data import RouterTrace, as_router_trace
 from prophet.prefetch import Prefetcher
 from prophet.sim.cost import CostModel, expected_distinct
 from prophet.sim.engine import SimCopyEngine
-from prophet.sim.hardware import HardwareProfile, get_profile
 from prophet.step import Step
 from prophet.store import HostStore
 

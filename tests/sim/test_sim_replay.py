@@ -15,8 +15,8 @@ from prophet.policies import LRU
 from prophet.predict.data import RouterTrace, as_router_trace
 from prophet.predict.statistical import FrequencyPredictor
 from prophet.sim import CostModel, bounds, get_profile, replay, schedule
-from prophet.sim.replay import replay_counts
 from prophet.sim.cli import replay_main
+from prophet.sim.replay import replay_counts
 from prophet.trace import load
 
 MIXTRAL = get_spec("mixtral-8x7b")

@@ -1,7 +1,8 @@
-"""Hardware profiles for replay: the numbers the cost model needs, kept as data and replaceable by measurements.
+"""Hardware profiles: the numbers the planner and the simulator's cost model need, kept as data and replaceable
+by measurements.
 
-Built-in profiles live in ``profiles.json`` beside this module (datasheet values for the GPU, practical pinned
-host->device numbers for the link; each profile says which is which in ``notes``). A calibration file written
+Built-in profiles live in ``hardware_profiles.json`` beside this module (datasheet values for the GPU, practical
+pinned host->device numbers for the link; each profile says which is which in ``notes``). A calibration file written
 on a real GPU overrides what it measured: `HardwareProfile.calibrated` reads either Prophet's calibration format
 (``{"profile": NAME, "h2d_gb_s": ..., ...}``, any subset of the fields) or the raw outputs of
 ``experiments/gpu/offload_check.py`` (pinned copy timings, fitted as fixed cost + bytes / bandwidth) and
@@ -114,7 +115,7 @@ def _profile_for_gpu(gpu: str, path: str | os.PathLike[str]) -> str:
 
 @cache
 def _profiles() -> dict[str, HardwareProfile]:
-    raw = json.loads(resources.files("prophet.sim").joinpath("profiles.json").read_text())
+    raw = json.loads(resources.files("prophet").joinpath("hardware_profiles.json").read_text())
     return {name: HardwareProfile(name=name, **v) for name, v in raw.items() if not name.startswith("_")}
 
 
