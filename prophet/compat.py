@@ -25,7 +25,7 @@ def _forward_params(model: nn.Module) -> frozenset[str]:
     return _params_of(type(model))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params_of(cls: type) -> frozenset[str]:  # once per class: decode steps call this every token
     return frozenset(inspect.signature(cls.forward).parameters)
 
