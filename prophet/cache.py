@@ -138,17 +138,18 @@ class ExpertCache:
         slots: dict[int, int] = {}  # expert -> slot
         try:
             # Hits are pinned before any miss loads, so a miss can never evict an expert this same step needs.
+            slot_of, entries, touch = pool.slot_of, pool.slots, pool.policy.touch
             for e in experts:
-                s = pool.slot_of.get((layer, e))
+                s = slot_of.get((layer, e))
                 if s is not None:
-                    stats.hits += 1
-                    slot = pool.slots[s]
+                    slot = entries[s]
                     if slot.prefetched:
                         stats.prefetch_hits += 1
                         slot.prefetched = False
                     slot.pins += 1
                     slots[e] = s
-                    pool.policy.touch((layer, e))
+                    touch((layer, e))
+            stats.hits += len(slots)
             for e in experts:
                 if e not in slots:
                     stats.misses += 1
@@ -158,7 +159,7 @@ class ExpertCache:
                     pool.policy.touch((layer, e))
             ordered = [slots[e] for e in experts]
             for s in ordered:
-                slot = pool.slots[s]
+                slot = entries[s]
                 if slot.load is not None:
                     self.waits += not self.engine.done(slot.load)
                     self.engine.wait(slot.load)
@@ -173,9 +174,10 @@ class ExpertCache:
     def release(self, layer: int, slots: Sequence[int]) -> None:
         """Unpin ``slots`` once the compute that reads them has been issued."""
         pool = self.pool(layer)
+        entries = pool.slots
         for s in slots:
-            pool.slots[s].pins -= 1
-            self.engine.released(pool.data[s])
+            entries[s].pins -= 1
+        self.engine.released(pool.data, slots)
 
     def prefetch(self, layer: int, expert: int) -> bool:
         """Start loading ``expert`` of ``layer`` into an evictable slot; False if resident or nothing evictable."""
@@ -277,10 +279,11 @@ class ExpertCache:
         """Release every pin, as the end of a step would: what a step interrupted by an exception still held.
         Compute already issued on those slots stays ordered before any later copy into them."""
         for pool in self.pools:
-            for s, slot in enumerate(pool.slots):
-                if slot.pins:
-                    slot.pins = 0
-                    self.engine.released(pool.data[s])
+            held = [s for s, slot in enumerate(pool.slots) if slot.pins]
+            for s in held:
+                pool.slots[s].pins = 0
+            if held:
+                self.engine.released(pool.data, held)
         self.repair()
 
     def repair(self) -> None:

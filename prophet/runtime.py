@@ -55,26 +55,31 @@ class HostIds:
 class SlotTables:
     """Expert id -> slot id tables ``[E]`` on the device, one row per wave (at most E waves), written on the host
     into pinned staging and copied without a sync. A row is rewritten only after the next step's id copy has
-    synchronized the stream, so its previous copy is done by then."""
+    synchronized the stream, so its previous copy is done by then. Entries of experts a step does not use keep
+    older slot ids, which are valid slots too: a step reads only its own experts' entries."""
 
     def __init__(self, num_experts: int, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self._staging = torch.empty((num_experts, num_experts), dtype=torch.int32, pin_memory=self.cuda)  # [W, E]
-        self._host = self._staging.numpy()
-        self._device = torch.empty_like(self._staging, device=device) if self.cuda else self._staging  # [W, E]
+        staging = torch.zeros((num_experts, num_experts), dtype=torch.int32, pin_memory=self.cuda)  # [W, E]
+        self._host = staging.numpy()
+        self._staging = staging.unbind(0)  # row views, so a step indexes a list, not a tensor
+        self._device = torch.zeros_like(staging, device=device).unbind(0) if self.cuda else self._staging
 
     def remap(self, rows: np.ndarray, experts: list[int], slots: list[int], ids: torch.Tensor,
               invalid: bool) -> torch.Tensor:
         """Slot ids ``[T,k]`` of ``ids [T,k]`` (``rows``: the same ids on the host; ``invalid``: some lie outside
-        ``[0, E)``, and map to slot 0) when every expert of the step has a slot. A CPU device indexes the host
-        table directly."""
-        table = self.table(0, experts, slots, fill=0)
-        if self.cuda:
-            return table[ids]
+        ``[0, E)``; their weight is 0, any valid slot does) when every expert of the step has a slot. A CPU device
+        indexes the host table directly."""
         host = self._host[0]
+        host[experts] = slots
+        if self.cuda:
+            table = self._device[0]
+            table.copy_(self._staging[0], non_blocking=True)
+            return table[ids]
         return torch.from_numpy(host[np.clip(rows, 0, len(host) - 1) if invalid else rows])
 
     def table(self, row: int, experts: list[int], slots: list[int], fill: int) -> torch.Tensor:
+        """Row ``row`` of the tables on the device: ``experts`` -> ``slots``, every other expert -> ``fill``."""
         host = self._host[row]
         host.fill(fill)
         host[experts] = slots

@@ -30,7 +30,7 @@ Compute = Callable[[Sequence[int], list[int], int], None]
 # after(index, last): called once a wave's slots are released (the simulator admits host-computed experts here).
 After = Callable[[int, bool], None]
 
-# Batches with at most this many (token, k) pairs are deduplicated with a Python set: cheaper than np.unique.
+# Batches with at most this many (token, k) pairs are deduplicated with a Python set; larger ones with a mask.
 _SMALL_DEDUP = 256
 
 
@@ -42,10 +42,15 @@ def unique_experts(ids: np.ndarray, num_experts: int) -> tuple[list[int], bool]:
     """
     if ids.size <= _SMALL_DEDUP:
         found = set(ids.ravel().tolist())
-    else:
-        found = set(np.unique(ids).tolist())
-    valid = sorted(e for e in found if 0 <= e < num_experts)
-    return valid, len(valid) != len(found)
+        valid = sorted(e for e in found if 0 <= e < num_experts)
+        return valid, len(valid) != len(found)
+    flat = ids.ravel()
+    invalid = bool(flat.min() < 0 or flat.max() >= num_experts)
+    if invalid:
+        flat = flat[(flat >= 0) & (flat < num_experts)]
+    hot = np.zeros(num_experts, dtype=bool)
+    hot[flat] = True
+    return np.flatnonzero(hot).tolist(), invalid
 
 
 class Step:

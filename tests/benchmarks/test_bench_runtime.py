@@ -1,14 +1,19 @@
-"""Per-MoE-layer bookkeeping cost of the runtime: dedup + acquire + remap + release, no GEMM and no copies.
+"""Per-MoE-layer bookkeeping of the cached step in isolation: `Runtime.run_layer` with a no-op kernel (ids to the
+host, dedup, acquire, remap, release, advance), every expert resident so no copy runs.
 
-Run with ``pytest tests/benchmarks --benchmark-only``. Targets (issue 4): <= 25 us median at batch 1 with
-Mixtral routing on a 2-core CPU; the 64-expert top-8 batch-64 case is reported beside it.
+Run with ``pytest tests/benchmarks --benchmark-only -p no:cacheprovider``. Targets (issue 14, this 2-core CPU):
+<= 25 us median per layer at batch 1 with Mixtral routing, <= 120 us at batch 64 for 64 experts, top-8. The
+public-API figure (wrapped minus unwrapped decode) is `experiments/bench_step_overhead.py`.
 """
 
+import time
+import timeit
+
+import numpy as np
 import pytest
 import torch
 
 from prophet.cache import ExpertCache
-from prophet.layer import unique_experts
 from prophet.models.adapter import ExpertFormat
 from prophet.policies import LRU
 from prophet.prefetch import Prefetcher
@@ -25,27 +30,30 @@ def runtime(layers: int, experts: int) -> Runtime:
     cache = ExpertCache(store, torch.device("cpu"), SyncCopyEngine(), LRU, slots_per_layer=experts)
     for layer in range(layers):  # warm: every expert resident, so the step measures bookkeeping only
         cache.release(layer, cache.acquire(layer, list(range(experts))))
-    return Runtime([], store, cache, Prefetcher(cache), None, "reference", torch.device("cpu"))
-
-
-def bookkeeping(rt: Runtime, routes: list[torch.Tensor]) -> None:
-    for layer, top_k_index in enumerate(routes):
-        ids, _ = unique_experts(top_k_index, rt.num_experts)
-        rt.prefetcher.advance(layer)
-        slots = rt.cache.acquire(layer, ids)
-        rt._lut(ids, slots, fill=0)[top_k_index]
-        rt.cache.release(layer, slots)
+    rt = Runtime([], store, cache, Prefetcher(cache), None, "reference", torch.device("cpu"))
+    rt._kernel = lambda hidden, *args: hidden  # no expert math
+    return rt
 
 
 @pytest.mark.parametrize(
-    "name, layers, experts, top_k, batch",
-    [("mixtral_b1", 32, 8, 2, 1), ("e64_top8_b64", 16, 64, 8, 64)],
+    "name, layers, experts, top_k, batch, target_us",
+    [("mixtral_b1", 32, 8, 2, 1, 25.0), ("e64_top8_b64", 16, 64, 8, 64, 120.0)],
 )
-def test_layer_bookkeeping(benchmark, name, layers, experts, top_k, batch):
+def test_layer_bookkeeping(benchmark, name, layers, experts, top_k, batch, target_us):
     rt = runtime(layers, experts)
     routes = [torch.stack([torch.randperm(experts)[:top_k] for _ in range(batch)]) for _ in range(layers)]
+    hidden, weights = torch.randn(batch, 8), torch.rand(batch, top_k)
+
+    def step() -> None:
+        for layer, top_k_index in enumerate(routes):
+            rt._run_cached(layer, hidden, top_k_index, weights)
+
     benchmark.extra_info["per"] = f"{layers} layers per round"
-    benchmark(bookkeeping, rt, routes)
-    per_layer_us = benchmark.stats.stats.median / layers * 1e6
-    benchmark.extra_info["median_us_per_layer"] = per_layer_us
-    print(f"\n{name}: {per_layer_us:.1f} us per MoE layer (median)")
+    benchmark(step)
+    # the target is checked in this thread's CPU time: on a shared machine wall time counts other processes' turns
+    rounds = np.array(timeit.repeat(step, number=5, repeat=15, timer=time.thread_time)) / 5 / layers * 1e6
+    per_layer_us = float(np.median(rounds))
+    benchmark.extra_info["median_us_per_layer_cpu"] = per_layer_us
+    print(f"\n{name}: {per_layer_us:.1f} us per MoE layer (CPU time, median of 15; spread {rounds.min():.1f}-"
+          f"{rounds.max():.1f}; target {target_us:.0f})")
+    assert per_layer_us <= target_us, f"{name}: {per_layer_us:.1f} us per layer misses the {target_us:.0f} us target"
