@@ -2,7 +2,7 @@
 host, dedup, acquire, remap, release, advance), every expert resident so no copy runs.
 
 Run with ``pytest tests/benchmarks --benchmark-only -p no:cacheprovider``. Targets (issue 14, this 2-core CPU):
-<= 25 us median per layer at batch 1 with Mixtral routing, <= 120 us at batch 64 for 64 experts, top-8. The
+<= 25 us median per layer at batch 1 with Mixtral routing (with and without the prophet predictor), <= 120 us at batch 64 for 64 experts, top-8. The
 public-API figure (wrapped minus unwrapped decode) is `experiments/bench_step_overhead.py`.
 """
 
@@ -14,25 +14,51 @@ import pytest
 import torch
 
 from prophet.cache import ExpertCache
+from prophet.config import PrefetchConfig
 from prophet.models.adapter import ExpertFormat
 from prophet.policies import LRU
+from prophet.predict import PathMatchPredictor
+from prophet.predict.data import as_router_trace
 from prophet.prefetch import Prefetcher
 from prophet.runtime import Runtime
 from prophet.store import HostStore
+from prophet.trace.synth import synthetic_trace
 from prophet.transfer import SyncCopyEngine
 
 pytestmark = pytest.mark.benchmark
 
 
-def runtime(layers: int, experts: int) -> Runtime:
+def runtime(layers: int, experts: int, slots: int | None = None, predictor=None) -> Runtime:
     fmt = ExpertFormat(hidden_size=8, intermediate_size=8)
     store = HostStore(layers, experts, fmt, torch.float32, pin=False)
-    cache = ExpertCache(store, torch.device("cpu"), SyncCopyEngine(), LRU, slots_per_layer=experts)
+    policy = LRU if predictor is None else predictor.policy_factory()
+    cache = ExpertCache(store, torch.device("cpu"), SyncCopyEngine(), policy, slots_per_layer=slots or experts)
     for layer in range(layers):  # warm: every expert resident, so the step measures bookkeeping only
-        cache.release(layer, cache.acquire(layer, list(range(experts))))
-    rt = Runtime([], store, cache, Prefetcher(cache), None, "reference", torch.device("cpu"))
+        cache.release(layer, cache.acquire(layer, list(range(slots or experts))))
+    prefetch = PrefetchConfig(enabled=predictor is not None, max_inflight=4)
+    rt = Runtime([], store, cache, Prefetcher(cache, prefetch), predictor, "reference", torch.device("cpu"))
+    rt.settle()
     rt._kernel = lambda hidden, *args: hidden  # no expert math
     return rt
+
+
+def test_layer_bookkeeping_with_the_prophet_predictor(benchmark):
+    # batch 1, Mixtral routing (synthetic, Mixtral's fitted parameters), 4 of 8 slots per layer: misses, evictions
+    # scored by path matching, its prefetches; copies are one-element slabs
+    L, E, K = 32, 8, 2
+    fit = as_router_trace(synthetic_trace(L, E, K, num_sequences=4, tokens_per_sequence=256, sample_seed=1,
+                                          progress=False))
+    test = as_router_trace(synthetic_trace(L, E, K, num_sequences=1, tokens_per_sequence=256, progress=False))
+    rt = runtime(L, E, slots=4, predictor=PathMatchPredictor(L, E, K).fit([fit]))
+    routes = [[torch.from_numpy(test.experts[t, layer][None]) for layer in range(L)] for t in range(256)]
+    hidden, weights = torch.randn(1, 8), torch.rand(1, K)
+    tokens = iter(range(10**9))
+
+    def step() -> None:
+        for layer, top_k_index in enumerate(routes[next(tokens) % len(routes)]):
+            rt._run_cached(layer, hidden, top_k_index, weights)
+
+    check(benchmark, "mixtral_b1_prophet", step, L, 25.0)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +74,10 @@ def test_layer_bookkeeping(benchmark, name, layers, experts, top_k, batch, targe
         for layer, top_k_index in enumerate(routes):
             rt._run_cached(layer, hidden, top_k_index, weights)
 
+    check(benchmark, name, step, layers, target_us)
+
+
+def check(benchmark, name, step, layers: int, target_us: float) -> None:
     benchmark.extra_info["per"] = f"{layers} layers per round"
     benchmark(step)
     # the target is checked in this thread's CPU time: on a shared machine wall time counts other processes' turns
