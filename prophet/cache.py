@@ -185,7 +185,9 @@ class ExpertCache:
         key = (layer, expert)
         if key in pool.slot_of:
             return False
-        if not pool.free and not self._evictable(pool, include_loading=False, for_prefetch=True):
+        fresh = self.step - self.store.num_layers
+        if not pool.free and not any(slot.key is not None and self._can_evict(slot, False, True, fresh)
+                                     for slot in pool.slots):
             return False
         self._load(pool, key, prefetch=True)
         self.stats[layer].prefetches += 1
@@ -221,27 +223,39 @@ class ExpertCache:
     def _evictable(self, pool: SlotPool, include_loading: bool, for_prefetch: bool = False) -> list[Key]:
         """Keys whose slots may be reused. A prefetch never evicts another prefetch that is still fresh
         (younger than one pass over all layers), so a lower-scored request cannot undo a higher-scored one."""
-        out = []
         fresh = self.step - self.store.num_layers
-        for slot in pool.slots:
-            if slot.key is None or slot.pins:
-                continue
-            if for_prefetch and slot.prefetched and slot.born > fresh:
-                continue
-            if slot.load is not None and not include_loading and not self.engine.done(slot.load):
-                continue
-            out.append(slot.key)
-        return out
+        return [slot.key for slot in pool.slots
+                if slot.key is not None and self._can_evict(slot, include_loading, for_prefetch, fresh)]
+
+    def _can_evict(self, slot: _Slot, include_loading: bool, for_prefetch: bool, fresh: int) -> bool:
+        if slot.pins or (for_prefetch and slot.prefetched and slot.born > fresh):
+            return False
+        return slot.load is None or include_loading or self.engine.done(slot.load)
+
+    def _victim(self, pool: SlotPool, for_prefetch: bool) -> Key | None:
+        """The key to evict, or None when every slot is pinned. A policy with a total order (LRU, FIFO) is walked
+        from its oldest key to the first evictable one, the same choice as ranking every evictable key, without
+        scanning the whole pool."""
+        order = pool.policy.order()
+        if order is None:
+            candidates = self._evictable(pool, False, for_prefetch) or self._evictable(pool, True, for_prefetch)
+            return pool.policy.victim(candidates) if candidates else None
+        fresh = self.step - self.store.num_layers
+        for include_loading in (False, True):
+            for key in order:
+                s = pool.slot_of.get(key)
+                if s is not None and self._can_evict(pool.slots[s], include_loading, for_prefetch, fresh):
+                    return key
+        return None
 
     def _take_slot(self, pool: SlotPool, for_prefetch: bool) -> int:
         if pool.free:
             return pool.free.pop()
-        candidates = self._evictable(pool, False, for_prefetch) or self._evictable(pool, True, for_prefetch)
-        if not candidates:
+        victim = self._victim(pool, for_prefetch)
+        if victim is None:
             raise CapacityError(
                 f"all {pool.num_slots} slots are pinned by the current step; raise cache_slots/slots_per_layer"
             )
-        victim = pool.policy.victim(candidates)
         s = pool.slot_of.pop(victim)
         slot = pool.slots[s]
         if slot.load is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prophet.errors import ConfigError
 
@@ -34,6 +34,11 @@ class EvictionPolicy:
         """Which of ``candidates`` (non-empty, all resident and evictable) to evict."""
         raise NotImplementedError
 
+    def order(self) -> Iterable[Key] | None:
+        """Resident keys in eviction order (first = evicted first), when the policy ranks by a total order that
+        `victim` follows; None when it must see the candidates."""
+        return None
+
 
 class LRU(EvictionPolicy):
     """Least recently used: a load counts as a use, so fresh prefetches are not evicted first."""
@@ -53,6 +58,9 @@ class LRU(EvictionPolicy):
 
     def remove(self, key: Key) -> None:
         self._order.pop(key, None)
+
+    def order(self) -> Iterable[Key]:
+        return self._order
 
     def victim(self, candidates: Sequence[Key]) -> Key:
         if len(candidates) == 1:
@@ -190,6 +198,13 @@ class Belady(ScoredPolicy):
             )
         self._seen[key] = n + 1
         super().touch(key)
+
+    def scores(self, candidates: Sequence[Key]) -> list[float]:
+        uses, seen, out = self.uses, self._seen, []  # `_next_use` of each, inlined: a pool may hold thousands
+        for key in candidates:
+            future, n = uses.get(key, ()), seen.get(key, 0)
+            out.append(-float(future[n]) if n < len(future) else -math.inf)
+        return out
 
     def _next_use(self, key: Key) -> float:
         """Negated position of ``key``'s next use (-inf if never again): the furthest scores lowest."""
