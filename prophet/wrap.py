@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prophet.cache import ExpertCache
+from prophet.compat import CACHE_KEYWORDS
 from prophet.config import CacheConfig, PrefetchConfig, ProphetConfig
 from prophet.errors import (
     AlreadyWrappedError,
@@ -194,7 +195,7 @@ def _sequence_starts(runtime: Runtime) -> Callable[..., None]:
     `runtime_of(model).begin_sequence()` then."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers renamed it to ``cache``
+        past = next((kwargs[k] for k in CACHE_KEYWORDS if kwargs.get(k) is not None), None)
         if past is None:
             runtime.begin_sequence()
             return
