@@ -141,6 +141,13 @@ class Runtime:
         self._resident = [torch.tensor(row, dtype=torch.int32, device=self.device) for row in slots]
         self._resident_hits = torch.zeros(len(slots), dtype=torch.int64, device=self.device)
 
+    def drop_cache(self) -> None:
+        """Let go of the cache and everything that holds it (its slot pool's memory can be freed); `settle` after
+        giving the runtime a new one."""
+        self.cache = self.prefetcher = None
+        self._step = None
+        self._resident = self._resident_hits = None
+
     def begin_sequence(self) -> None:
         """A new sequence starts (a forward without past keys and values): predictors reset, queued
         next-token prefetches dropped. Cached experts stay, as a serving process's would."""

@@ -239,7 +239,7 @@ def reconfigure(
     store, total = runtime.store, runtime.store.num_layers * runtime.store.num_experts
     factory = policy if callable(policy) else (lambda: make_policy(policy))
     old_config = runtime.prefetcher.config
-    runtime.cache = runtime.prefetcher = None  # drop every reference to the old pool before the new one is allocated
+    runtime.drop_cache()  # drop every reference to the old pool before the new one is allocated
     try:
         runtime.cache = _new_cache(
             store, runtime.device, factory,
