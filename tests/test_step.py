@@ -183,17 +183,19 @@ _SYNCING_METHODS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__
 
 
 @contextmanager
-def counting_syncs() -> Iterator[list[str]]:
-    """Record every call that makes the host wait for the device (on CUDA): tensor reads on the host, unique,
-    and explicit synchronizations; the one pinned-buffer read of the step counts (`numpy` on CPU)."""
+def counting_syncs(device: str = "cpu") -> Iterator[list[str]]:
+    """Record every call that makes the host wait for ``device``: host reads of its tensors, unique, and explicit
+    synchronizations. On a CPU device the step's one read of its ids (`numpy`) stands for the sync it is on CUDA."""
     seen: list[str] = []
     patches = []
 
     def spy(owner, name):
         real = getattr(owner, name)
+        tensor_method = owner is torch.Tensor
 
         def wrapper(*args, **kwargs):
-            seen.append(name)
+            if not tensor_method or args[0].device.type == device:
+                seen.append(name)
             return real(*args, **kwargs)
 
         patches.append((owner, name, real))
@@ -266,3 +268,32 @@ def test_the_dense_test_kernel_matches_the_reference():
     weights = torch.rand(5, 2)
     args = (hidden, slot_ids, weights, views["w1"], views["w2"], runtime.fmt)
     assert torch.allclose(dense_experts(*args), moe_experts_reference(*args), atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots", [3, LAYERS * EXPERTS], ids=["cached", "resident"])
+def test_on_cuda_the_step_syncs_at_most_once_and_never_when_resident(slots):
+    # torch's sync debug mode raises on any implicit sync inside the step (item, nonzero, pageable copies...);
+    # the interceptor counts the explicit one, the event wait on the pinned id copy
+    model = tiny_mixtral(seed=8).to("cuda")
+    ids = torch.randint(0, 96, (2, 1), device="cuda")
+    prophet.wrap(model, device="cuda", cache_slots=slots)
+    runtime = runtime_of(model)
+    real = runtime.run_layer
+    counts = []
+
+    def run_layer(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with counting_syncs("cuda") as seen:
+                out = real(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        counts.append(len(seen))
+        return out
+
+    runtime.run_layer = run_layer
+    with torch.no_grad():
+        for _ in range(3):
+            model(ids)
+    assert counts and max(counts) == (0 if slots == LAYERS * EXPERTS else 1)
