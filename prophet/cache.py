@@ -224,8 +224,11 @@ class ExpertCache:
         """Keys whose slots may be reused. A prefetch never evicts another prefetch that is still fresh
         (younger than one pass over all layers), so a lower-scored request cannot undo a higher-scored one."""
         fresh = self.step - self.store.num_layers
+        done = self.engine.done  # `_can_evict`, inlined: a pool may hold thousands of slots
         return [slot.key for slot in pool.slots
-                if slot.key is not None and self._can_evict(slot, include_loading, for_prefetch, fresh)]
+                if slot.key is not None and not slot.pins
+                and not (for_prefetch and slot.prefetched and slot.born > fresh)
+                and (slot.load is None or include_loading or done(slot.load))]
 
     def _can_evict(self, slot: _Slot, include_loading: bool, for_prefetch: bool, fresh: int) -> bool:
         if slot.pins or (for_prefetch and slot.prefetched and slot.born > fresh):
