@@ -140,10 +140,15 @@ def read_trace(path: str, spec: ModelSpec, flag: str = "--trace") -> RouterTrace
     shape = (trace.model.num_layers, trace.model.num_experts)
     if shape != (spec.num_moe_layers, spec.num_experts):
         raise TraceError(
-            f"{flag} {trace.model.name} has {shape[0]} MoE layers x {shape[1]} experts but {spec.name} has "
+            f"{flag} {trace_name(path)} has {shape[0]} MoE layers x {shape[1]} experts but {spec.name} has "
             f"{spec.num_moe_layers} x {spec.num_experts}; replay a trace of {spec.name} or pick the matching --model"
         )
-    return dataclasses.replace(as_router_trace(trace), name=trace.model.name)
+    return dataclasses.replace(as_router_trace(trace), name=trace_name(path))
+
+
+def trace_name(path: str) -> str:
+    """A trace's short name for summaries: its file or folder name without the suffix."""
+    return Path(path).resolve().stem
 
 
 def _synthetic(spec: ModelSpec, sample_seed: int, progress: bool) -> RouterTrace:

@@ -16,6 +16,6 @@ python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu tests/bench tests
   tests/test_cache.py || tests=$?
 trace=()
 if [ $# -gt 0 ]; then trace=(--trace "$1"); fi
-python3 -m prophet.bench --model mixtral --ctx 128k --weights random --compare --no-progress "${trace[@]}" \
+python3 -m prophet.cli run --model mixtral --ctx 128k --weights random --compare --no-progress "${trace[@]}" \
   --out "$out/prophet_bench_mixtral_128k_${gpu}.json"
 exit "$tests"

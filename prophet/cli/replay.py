@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prophet.bench import resolve_model
+from prophet.bench import resolve_model, trace_name
 from prophet.cli.common import add_out, names, positive
 from prophet.errors import TraceError
 from prophet.predict.data import RouterTrace, as_router_trace
@@ -45,6 +45,8 @@ def register(sub: Any) -> None:
     p.add_argument("--context", type=positive, default=2048, help="KV tokens per sequence read at each step")
     p.add_argument("--no-overlap", action="store_true", help="copies block compute (synchronous engine)")
     p.add_argument("--cpu-fallback", action="store_true", help="run missed experts on the host CPU")
+    p.add_argument("--prefetch", choices=("budget", "all", "none"), default="budget",
+                   help="which predictions are copied ahead: within the link budget, all of them, or none")
     p.add_argument("--progress", action="store_true", help="show a progress bar per replay")
     add_out(p)
     p.set_defaults(handler=main)
@@ -57,7 +59,7 @@ def _read(path: str, flag: str) -> RouterTrace:
     if not Path(path).exists():
         raise TraceError(f"{flag} {path}: no such file or directory; give a trace path")
     trace = load(path)
-    return dataclasses.replace(as_router_trace(trace), name=trace.model.name)
+    return dataclasses.replace(as_router_trace(trace), name=trace_name(path))
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,7 +79,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                            in_sample=args.in_sample, slots_per_layer=args.slots_per_layer,
                            cache_slots=args.cache_slots, batch=args.batch, steps=args.steps, repeat=args.repeat,
                            context=args.context, overlap=not args.no_overlap, cpu_fallback=args.cpu_fallback,
-                           progress=args.progress)
+                           prefetch=args.prefetch, progress=args.progress)
     config = {k: v for k, v in vars(args).items() if k not in ("handler", "progress", "out")}
     record |= {"config": config | {"model": spec.name, "trace_name": trace.name, "policy": list(args.policy)},
                "versions": versions(), "git_sha": git_sha()}

@@ -102,10 +102,19 @@ def replay_record(trace: RouterTrace, spec: ModelSpec, profile: HardwareProfile,
                   predictor: str | None = None, fit: RouterTrace | None = None, in_sample: bool = False,
                   slots_per_layer: int | None = None, cache_slots: int | None = None, batch: int = 1,
                   steps: int | None = None, repeat: bool = False, context: int = 2048, overlap: bool = True,
-                  cpu_fallback: bool = False, progress: bool = False) -> dict[str, Any]:
+                  cpu_fallback: bool = False, prefetch: str = "budget", progress: bool = False) -> dict[str, Any]:
     """``prophet-bench replay``: each policy on the held-out routing (``predictor`` prefetching for every
-    policy), beside the bounds; the record names the sample and how often it was played."""
+    policy), beside the bounds; the record names the sample and how often it was played.
+
+    ``prefetch``: ``budget`` copies a prediction only where the compute it hides outweighs the link time it
+    risks (the default), ``all`` copies every prediction, ``none`` evicts by prediction but copies nothing ahead.
+    """
+    from prophet.config import PrefetchConfig
     from prophet.sim.bounds import bounds
+
+    configs = {"budget": None, "all": PrefetchConfig(), "none": PrefetchConfig(enabled=False)}
+    if prefetch not in configs:
+        raise ConfigError(f"--prefetch {prefetch}: use one of {', '.join(configs)}")
     from prophet.sim.samples import replay_steps, split_sample
 
     check_policies(policies, predictor, everywhere=True)
@@ -114,7 +123,8 @@ def replay_record(trace: RouterTrace, spec: ModelSpec, profile: HardwareProfile,
     sched = schedule(sample.replay, batch, steps)
     cap = {"slots_per_layer": slots_per_layer, "cache_slots": cache_slots}
     results = replay_policies(sample, spec, profile, policies, predictor, sched, everywhere=True, progress=progress,
-                              batch=batch, context=context, overlap=overlap, cpu_fallback=cpu_fallback, **cap)
+                              batch=batch, context=context, overlap=overlap, cpu_fallback=cpu_fallback,
+                              prefetch=configs[prefetch], **cap)
     limits = bounds(spec, profile, batch, trace=sample.replay, context=context, sched=sched, **cap)
     return {"results": results, "bounds": limits, "hardware": profile.to_dict(),
             "sample": {**sample.to_dict(), "steps": note, "trace": trace.name}}
