@@ -20,6 +20,7 @@ import json
 import platform
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -242,6 +243,7 @@ def run(opts: BenchOptions, report: TextIO | None = None) -> dict[str, Any]:
         if opts.steps is not None and lead + opts.steps > memory.ctx:
             raise ConfigError(f"--ctx {memory.ctx} is shorter than the {lead + opts.steps} positions decoded (a "
                               f"{PROMPT_TOKENS}-token prompt, --warmup and --steps); raise --ctx or lower --steps")
+    layers = random_layers(opts, spec, memory, device) if device is not None and opts.weights == "random" else None
     real_untraced = opts.weights == "real" and opts.trace is None
     sample, info = (None, None) if real_untraced else choose_sample(opts, spec)
     steps = decode_steps(opts, device, memory, sample, info)
@@ -255,7 +257,7 @@ def run(opts: BenchOptions, report: TextIO | None = None) -> dict[str, Any]:
     if device is None:
         out = simulate(opts, spec, memory, profile, sample, info, steps)
     else:
-        out = measure(opts, spec, memory, profile, sample, info, device, steps)
+        out = measure(opts, spec, memory, profile, sample, info, device, steps, layers)
         record["device"] = device_name(device)
     record |= out
     summary(record, report)
@@ -315,8 +317,27 @@ def _first_layers(trace: RouterTrace, layers: int) -> RouterTrace:
                                exact=trace.exact[:, :layers], hidden=None)
 
 
+def _slots_for(opts: BenchOptions, spec: ModelSpec, memory: Plan) -> Callable[[ModelSpec], int]:
+    """Expert slots of a model cut to its first layers: the plan's (or ``--slots``') share of its MoE layers."""
+    share = _slots(opts, memory) / spec.num_moe_layers
+
+    def slots_for(part: ModelSpec) -> int:
+        return max(1, round(share * part.num_moe_layers))
+
+    return slots_for
+
+
+def random_layers(opts: BenchOptions, spec: ModelSpec, memory: Plan, device: torch.device) -> int:
+    """Layers of the random-weight model that host memory holds (`prophet.decode.layers_that_fit`), checked
+    before any trace is read or model built; refuses what does not fit, with the numbers."""
+    from prophet import decode as dec
+
+    return dec.layers_that_fit(spec, run_dtype(device), device, _slots_for(opts, spec, memory), resident=opts.compare,
+                               layers=opts.layers)
+
+
 def measure(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sample: Sample | None,
-            info: dict[str, Any] | None, device: torch.device, steps: int) -> dict[str, Any]:
+            info: dict[str, Any] | None, device: torch.device, steps: int, layers: int | None) -> dict[str, Any]:
     """Decode on ``device`` for each policy (and the baselines with ``compare``), beside the simulator's
     estimate of the same run and the bounds. Random weights run the first ``layers`` layers (default: as many
     as host memory holds) with the plan's share of slots; a checkpoint runs whole with the plan's slots."""
@@ -336,13 +357,8 @@ def measure(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sam
         model = load(opts.model, dtype=dtype, device=device, cache_slots=slots)
         why = "checkpoint weights, the model's own routing"
     else:
-        assert sample is not None
-        share = _slots(opts, memory) / spec.num_moe_layers  # slots per MoE layer of the whole model
-
-        def slots_for(part: ModelSpec) -> int:
-            return max(1, round(share * part.num_moe_layers))
-
-        layers = dec.layers_that_fit(spec, dtype, device, slots_for, resident=opts.compare, layers=opts.layers)
+        assert sample is not None and layers is not None
+        slots_for = _slots_for(opts, spec, memory)
         spec_run = dec.truncate(spec, layers)
         moe = spec_run.num_moe_layers
         slots = slots_for(spec_run)
