@@ -463,8 +463,9 @@ def summary(record: dict[str, Any], file: TextIO) -> None:
         if r.get("sim_tokens_per_s") is not None:
             line += f"  (simulated: hit {r['sim_hit_rate']:.3f}, {r['sim_tokens_per_s']:.2f} tok/s)"
         if r.get("prefetches", 0) or r.get("held_back", 0):
-            line += (f"  prefetched {r['prefetches']} ({r.get('prefetch_hits', 0)} used), "
-                     f"{r.get('held_back', 0)} predictions held back by the link budget")
+            line += f"  prefetched {r['prefetches']} ({r.get('prefetch_hits', 0)} used)"
+            if "held_back" in r:  # counted by the measured runtime; the simulator does not count them
+                line += f", {r['held_back']} predictions held back by the link budget"
         if r.get("policy") == "belady":
             line += "  (needs the future: a bound, not a policy)"
         print(line, file=file)

@@ -64,7 +64,7 @@ def _save(fig: Any, name: str, caption: str) -> None:
         fig.savefig(OUT / f"{name}.{ext}", dpi=150)
     plt.close(fig)
     CAPTIONS[name] = caption
-    print(f"wrote out/{name}.png, .pdf")
+    print(f"wrote {OUT / name}.png, .pdf")
 
 
 def _figure(ncols: int = 1) -> tuple[Any, list[Any]]:
@@ -282,7 +282,8 @@ def fig_g_link_budget() -> None:
           "of the shared Mixtral trace, replayed on the other) with no prefetch, with every prediction copied, and "
           "with copies only where the compute they can hide outweighs the link time they waste "
           "(score >= copy / (copy + d x layer)); LRU, LFU and Belady (dashed, no prefetch) for reference. At batch 1 "
-          "over PCIe the link is the bottleneck, so copying every prediction loses speed despite a higher hit rate; "
+          "over PCIe the link is the bottleneck, so copying every prediction loses speed despite a higher hit rate, "
+          "and the budget lets almost no copy through (its line runs on the no-prefetch one); "
           "at batch 8 a layer computes longer, the budget lets every prediction through and the three prophet "
           "variants coincide (drawn wide to narrow so each stays visible). "
           "LRU thrashes at batch 8: each step's experts over all layers cycle through more slots than the pool has.")
