@@ -177,9 +177,10 @@ def _budget_panel(ax: Any, panel: dict[str, Any]) -> None:
         ax.plot(x, [p["bounds"][key]["tokens_per_s"] for p in points], style, label=label)
     ax.set(title=f"{panel['model']} on {_title(panel['gpu'])}", xlabel="GPU memory budget (GB)",
            ylabel="decode tokens/s (batch 1)", yscale="log")
+    ax.set_ylim(top=ax.get_ylim()[1] * 8)  # room above the highest line for the legend
     _plain_log_axis(ax)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, ncol=2, loc="upper left")
 
 
 def fig_d_vram() -> None:
@@ -217,7 +218,8 @@ def fig_e_context() -> None:
     axes[1].plot(x, [p["slots_gb"] for p in points], marker="s", label="expert slots (GB)")
     axes[1].set(xscale="log", xlabel="context length (K tokens)", ylabel="GPU memory (GB)")
     for ax in axes:
-        _plain_log_axis(ax, "x")
+        ax.set_xticks(x, [f"{v:g}" for v in x])  # the measured contexts, plainly
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     failed = [p["context"] // 1024 for p in data["points"] if not p.get("results")]
