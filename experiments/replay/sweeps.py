@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -54,8 +55,9 @@ POLICIES = ("lru", "lfu", "belady", "prophet")
 SPECMOE_CLAIMS = {8: 0.24, 32: 0.49, 64: 0.65}  # SpecMoE's "memory saved by batch dedup"; 87.6% at 64 elsewhere
 
 
+@functools.cache
 def shared() -> bool:
-    """Whether the shared real traces are here; if not, say so once per sweep."""
+    """Whether the shared real traces are here; if not, say so (once)."""
     found = (TRACES / f"{MIXTRAL_TRACE}.npz").exists()
     if not found:
         print(f"shared traces not found at {TRACES} (set PROPHET_SHARED_TRACES): falling back to the project's own "
@@ -64,7 +66,7 @@ def shared() -> bool:
 
 
 def _trace(name: str) -> RouterTrace:
-    if name == MIXTRAL_TRACE and not (TRACES / f"{name}.npz").exists():
+    if name == MIXTRAL_TRACE and not shared():
         return dataclasses.replace(as_router_trace(load(OWN_TRACE)), name="tiny-mixtral")
     return dataclasses.replace(as_router_trace(load(TRACES / f"{name}.npz")), name=name)
 
