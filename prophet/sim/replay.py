@@ -133,7 +133,7 @@ def policy_args(name: str, predictor: str | None = None) -> tuple[str, str | Non
 
 def make_predictor(name: str, trace: RouterTrace, sched: Schedule) -> Any:
     """A predictor by name: ``oracle`` (perfect, from the schedule) or a `prophet.predict` predictor's ``name``,
-    fitted on ``trace`` itself (optimistic: the same trace it is replayed on). ``a+b`` builds an ensemble."""
+    fitted on ``trace`` (pass routing other than the replayed one: `prophet.sim.samples`). ``a+b`` builds an ensemble."""
     if name == "oracle":
         return ScheduleOracle(sched)
     from prophet.predict import ensemble, pathmatch, statistical
