@@ -276,7 +276,7 @@ def quantize(wf: WeightFormat, w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         return w.to(DENSE[wf.name]), None
     n, k = w.shape
     br, bc = wf.block(n, k)
-    w = w.detach().float()
+    w = w.detach().float().contiguous()
     amax = _blocks(w.abs(), br, bc).amax(dim=(1, 3))  # [N/br, K/bc]
     if wf.kind == "int":
         qmax = 2 ** (wf.value_bits - 1) - 1
@@ -397,6 +397,16 @@ def slab_layout(expert: ExpertFormat, weights: WeightFormat, bias_dtype: torch.d
         else:
             add(name, shape, bias_dtype)
     return SlabLayout(expert, weights, bias_dtype, fields, torch.uint8, offset)
+
+
+def expert_nbytes(expert: ExpertFormat, weights: WeightFormat) -> int:
+    """Bytes of one expert stored in ``weights``, scales included: the slab size for the formats the store holds,
+    the packed size (bf16 biases) for modelling-only bit widths."""
+    if weights.runnable:
+        return slab_layout(expert, weights).nbytes
+    shapes = expert.shapes.items()
+    biases = sum(math.prod(s) for name, s in shapes if name.startswith("b")) * torch.bfloat16.itemsize
+    return sum(weights.nbytes(*s) for name, s in shapes if name.startswith("w")) + biases
 
 
 def quantize_expert(layout: SlabLayout, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

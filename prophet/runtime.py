@@ -116,11 +116,13 @@ class Runtime:
         return torch.tensor(table, dtype=torch.int32, device=self.device)
 
     def _experts(self, layer: int, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from prophet.kernels.moe import moe_experts
+        from prophet.kernels.moe import Quant, moe_experts
 
         views = self.cache.views(layer)
+        wf = self.store.weights  # quantized slots carry their scales: the kernels dequantize from the slot bytes
+        quant = Quant(wf, views["w1_scale"], views["w2_scale"]) if wf.quantized else None
         return moe_experts(
-            hidden, slot_ids, weights, views["w1"], views["w2"], self.fmt, views.get("b1"), views.get("b2"),
+            hidden, slot_ids, weights, views["w1"], views["w2"], self.fmt, views.get("b1"), views.get("b2"), quant,
             backend=self.kernels,
         )
 
