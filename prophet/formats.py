@@ -280,7 +280,7 @@ def quantize(wf: WeightFormat, w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     amax = _blocks(w.abs(), br, bc).amax(dim=(1, 3))  # [N/br, K/bc]
     if wf.kind == "int":
         qmax = 2 ** (wf.value_bits - 1) - 1
-        scales = torch.where(amax > 0, amax / qmax, 1.0).to(torch.float16)
+        scales = torch.where(amax > 0, amax / qmax, 1.0).to(torch.float16)  # [N/br, K/bc]
         q = torch.round(w / _expand(scales.float(), br, bc, n, k)).clamp(-qmax - 1, qmax)
         values = q.to(torch.int8) if wf.value_bits == 8 else _pack_nibbles(q.long() + 8)
         return values, scales
@@ -291,7 +291,7 @@ def quantize(wf: WeightFormat, w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     exponent = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(2.0**-127))) - 2, -127.0)
     exponent = exponent.clamp(-127, 127)
     scaled = w / _expand(torch.exp2(exponent), br, bc, n, k)
-    mags = torch.tensor(E2M1_VALUES)
+    mags = torch.tensor(E2M1_VALUES, device=w.device)
     index = torch.bucketize(scaled.abs().clamp(max=6.0), (mags[1:] + mags[:-1]) / 2)  # nearest magnitude
     codes = index + 8 * (scaled < 0)
     return _pack_nibbles(codes), (exponent + 127).to(torch.uint8)
