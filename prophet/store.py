@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from prophet.formats import (
 )
 from prophet.models.adapter import MoELayer
 from prophet.pinned import pinned_empty, unregister
+
+if TYPE_CHECKING:
+    from prophet.sources import ExpertSource
 
 
 def slab_views(slab: torch.Tensor, fmt: ExpertFormat) -> dict[str, torch.Tensor]:
@@ -131,8 +135,10 @@ class HostStore:
 
     @classmethod
     def from_layers(cls, layers: Sequence[MoELayer], pin: bool, free_source: bool = False,
-                    weights: WeightFormat | None = None) -> HostStore:
-        """Copy the experts of ``layers`` out of their modules, layer by layer (quantized to ``weights`` if given).
+                    weights: WeightFormat | None = None, source: ExpertSource | None = None,
+                    dtype: torch.dtype | None = None) -> HostStore:
+        """Copy the experts of ``layers`` out of their modules, layer by layer (quantized to ``weights`` if given),
+        or, with ``source``, its stored fields as they are (``dtype``: the model's compute dtype).
 
         With ``free_source`` each layer's expert parameters are emptied as soon as they are copied, so host
         memory holds at most one layer's experts twice.
@@ -145,12 +151,12 @@ class HostStore:
                     f"{layer.name}: experts differ from the first MoE layer ({layer.fmt}, {layer.num_experts} experts "
                     f"vs {fmt}, {num_experts}); Prophet needs every MoE layer to have the same expert shape"
                 )
-        dtype = layers[0].expert_parameters()[0].dtype
-        store = cls(len(layers), num_experts, fmt, dtype, pin, weights)
+        dtype = dtype or layers[0].expert_parameters()[0].dtype
+        store = cls(len(layers), num_experts, fmt, dtype, pin, source.weights if source else weights)
         with torch.no_grad():
             for li, layer in enumerate(layers):
                 for e in range(num_experts):
-                    store.write(li, e, layer.get_expert(e))
+                    store.write(li, e, source.read(li, e) if source else layer.get_expert(e))
                 if free_source:
                     for p in layer.expert_parameters():
                         p.data = torch.empty(0, dtype=p.dtype)

@@ -34,6 +34,7 @@ from prophet.policies import EvictionPolicy, make_policy
 from prophet.predict.base import Predictor
 from prophet.prefetch import Prefetcher
 from prophet.runtime import Runtime, RuntimeStats
+from prophet.sources import ExpertSource, fp8_module_source
 from prophet.store import HostStore
 from prophet.transfer import CudaCopyEngine, SyncCopyEngine
 
@@ -94,6 +95,15 @@ def allocate_kv_cache(model: nn.Module, dev: torch.device, max_context: int, bat
     return cache
 
 
+def _compute_dtype(model: nn.Module, expert_params: list[nn.Parameter]) -> torch.dtype:
+    """The dtype the model computes in when its experts are stored quantized: that of its other weights."""
+    experts = {id(p) for p in expert_params}
+    for p in model.parameters():
+        if id(p) not in experts and p.dtype in SUPPORTED_DTYPES:
+            return p.dtype
+    raise DtypeError("no float32, float16 or bfloat16 weights outside the experts: Prophet cannot tell the compute dtype")
+
+
 def _expert_format(expert_dtype: str | WeightFormat | None, dtype: torch.dtype) -> WeightFormat:
     """The store's format: ``expert_dtype`` by name or as given, else dense in the model's ``dtype``."""
     if expert_dtype is None:
@@ -133,12 +143,15 @@ def wrap(
     batch: int = 1,
     gpu: int | str | None = None,
     expert_dtype: str | WeightFormat | None = None,
+    expert_source: ExpertSource | None = None,
 ) -> nn.Module:
     """Offload ``model``'s experts to host memory behind a device slot cache; returns the same model object.
 
     ``expert_dtype`` ("int4", "int8", "fp8", "fp8-channel", "fp8-tensor", "mxfp4" or a
     `prophet.formats.WeightFormat`) quantizes the experts as they enter the host store: slots then hold that
     format's bytes and the kernels dequantize them (`unwrap` restores dequantized weights, not the originals).
+    Experts that are already quantized (transformers' FP8Experts modules, or ``expert_source``, which
+    `prophet.load` gives for quantized checkpoints) are stored as they are.
 
     Give at most one of ``cache_slots`` (one pool shared by all MoE layers), ``slots_per_layer`` (a pool per
     layer) or ``cache_bytes`` (a shared pool sized from bytes). With none, every expert gets a slot.
@@ -150,14 +163,21 @@ def wrap(
         raise AlreadyWrappedError("this model is already wrapped by Prophet; call prophet.unwrap(model) first")
     dev = resolve_device(device)
     layers = moe_layers(model, adapter)
+    source = expert_source or fp8_module_source(layers)
     params = [p for layer in layers for p in layer.expert_parameters()]
-    dtype = params[0].dtype
-    if dtype not in SUPPORTED_DTYPES or any(p.dtype != dtype for p in params):
-        found = sorted({str(p.dtype) for p in params})
-        raise DtypeError(f"expert weights are {found}; Prophet's kernels run float32, float16 or bfloat16: convert with model.to(torch.bfloat16)")
-    if any(p.is_meta for p in params):
-        raise ConfigError("expert weights are on the meta device (no data); load real weights or use prophet.load(checkpoint_dir)")
-    weights = _expert_format(expert_dtype, dtype)
+    if source is not None:
+        if expert_dtype is not None:
+            raise ConfigError(f"the experts are already quantized ({source.description}); drop expert_dtype")
+        dtype = _compute_dtype(model, params)
+        weights = source.weights
+    else:
+        dtype = params[0].dtype
+        if dtype not in SUPPORTED_DTYPES or any(p.dtype != dtype for p in params):
+            found = sorted({str(p.dtype) for p in params})
+            raise DtypeError(f"expert weights are {found}; Prophet's kernels run float32, float16 or bfloat16: convert with model.to(torch.bfloat16)")
+        if any(p.is_meta for p in params):
+            raise ConfigError("expert weights are on the meta device (no data); load real weights or use prophet.load(checkpoint_dir)")
+        weights = _expert_format(expert_dtype, dtype)
     layout = slab_layout(layers[0].fmt, weights, dtype if weights.quantized else None)
     memory_plan = kv_cache = None
     if max_context is not None:
@@ -193,11 +213,12 @@ def wrap(
         slots_per_layer = min(slots_per_layer, num_experts)
 
     shapes = [{name: p.shape for name, p in layer.experts.named_parameters()} for layer in layers]
-    store = HostStore.from_layers(layers, pin=pin, free_source=True, weights=weights)  # the only copy now
+    store = HostStore.from_layers(layers, pin=pin, free_source=True, weights=weights, source=source, dtype=dtype)
 
     cache = _new_cache(store, dev, policy_factory, cache_slots, slots_per_layer)
     runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
     runtime.expert_shapes = shapes
+    runtime.source = source
     runtime.plan = memory_plan
     runtime.kv_cache = kv_cache
     for layer in layers:
@@ -274,7 +295,10 @@ def unwrap(model: nn.Module) -> nn.Module:
             for name, p in layer.experts.named_parameters():
                 p.data = torch.empty(shapes[name], dtype=p.dtype, device=runtime.device)
             for e in range(layer.num_experts):
-                layer.set_expert(e, runtime.store.read_canonical(li, e))
+                if runtime.source is not None and runtime.source.write is not None:
+                    runtime.source.write(li, e, runtime.store.read(li, e))  # the quantized module, bit for bit
+                else:
+                    layer.set_expert(e, runtime.store.read_canonical(li, e))
             setattr(layer.parent, layer.attr, layer.experts)
     delattr(model, _ATTR)
     return model

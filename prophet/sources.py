@@ -1,0 +1,142 @@
+"""Experts that arrive already quantized: their stored bytes go into the host store as they are.
+
+`prophet.wrap` fills the store from an `ExpertSource` instead of the experts' dense tensors when the experts
+modules are transformers' own quantized ones (`fp8_module_source`: FP8Experts with block-wise ``*_scale_inv``,
+as FP8 checkpoints load), and `prophet.load` streams a quantized checkpoint's expert tensors straight from its
+safetensors shards (`mxfp4_checkpoint_source`: gpt-oss's ``*_blocks``/``*_scales``), one expert at a time, so
+no dense copy of the experts ever exists on the host. A source reads one expert's fields in the canonical
+layout of `prophet.formats` (a permutation of rows at most: values and scales are never recomputed) and, where
+it can, writes them back, which makes `unwrap` restore the quantized modules bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prophet.errors import ConfigError, UnsupportedModelError
+from prophet.formats import WeightFormat, weight_format
+from prophet.models.adapter import MoELayer
+
+Fields = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertSource:
+    """Where each expert's stored fields come from: ``read(moe_layer, expert)``, and ``write`` back if possible."""
+
+    weights: WeightFormat
+    read: Callable[[int, int], Fields]
+    write: Callable[[int, int, Fields], None] | None = None
+    description: str = ""
+
+
+def _fp8_format(block: Sequence[int] | None) -> WeightFormat:
+    if block is None:
+        raise UnsupportedModelError(
+            "FP8Experts with per-tensor scales (block_size=None) keep one scale per gate/up half, which Prophet's "
+            "fp8 formats do not hold; use a block-wise FP8 checkpoint (weight_block_size, e.g. [128, 128])"
+        )
+    rows, cols = block
+    if (rows, cols) == (128, 128):
+        return weight_format("fp8")
+    return WeightFormat(f"fp8-block{rows}x{cols}", "fp8", 8, rows, cols, torch.float32)
+
+
+def fp8_module_source(layers: Sequence[MoELayer]) -> ExpertSource | None:
+    """A source over transformers' FP8Experts modules (``gate_up_proj``/``down_proj`` in float8_e4m3fn with
+    fp32 ``*_scale_inv`` per block), or None when the experts are not such modules."""
+    experts = [layer.experts for layer in layers]
+    if not all(hasattr(m, "gate_up_proj_scale_inv") for m in experts):
+        if any(hasattr(m, "gate_up_proj_scale_inv") or hasattr(m, "up_proj_scale_inv") for m in experts):
+            raise UnsupportedModelError("only gated FP8Experts (gate_up_proj_scale_inv) in every MoE layer are supported")
+        return None
+    wf = _fp8_format(getattr(experts[0], "block_size", None))
+    fmt = layers[0].fmt
+    if fmt.has_bias:
+        raise UnsupportedModelError("FP8Experts with biases are not supported (transformers has none either)")
+    shape1, shape2 = wf.shapes(fmt.w1_rows, fmt.hidden_size), wf.shapes(fmt.hidden_size, fmt.intermediate_size)
+    for m in experts:
+        for name in ("gate_up_proj_scale_inv", "down_proj_scale_inv"):
+            if getattr(m, name).dtype != torch.float32:
+                raise UnsupportedModelError(f"{name} is {getattr(m, name).dtype}; Prophet reads fp32 scale_inv "
+                                            "(UE8M0 scales are not supported)")
+
+    def read(layer: int, e: int) -> Fields:
+        m = experts[layer]
+        (r1, c1), (r2, c2) = shape1[1], shape2[1]  # the module may pad the scale rows (min_sf_out)
+        return {"w1": m.gate_up_proj[e].detach(), "w1_scale": m.gate_up_proj_scale_inv[e, :r1, :c1].detach(),
+                "w2": m.down_proj[e].detach(), "w2_scale": m.down_proj_scale_inv[e, :r2, :c2].detach()}
+
+    def write(layer: int, e: int, fields: Fields) -> None:
+        m = experts[layer]
+        (r1, c1), (r2, c2) = shape1[1], shape2[1]
+        with torch.no_grad():
+            m.gate_up_proj[e].copy_(fields["w1"])
+            m.gate_up_proj_scale_inv[e].zero_()  # rows past the blocks (min_sf_out padding) are unused: zeros
+            m.gate_up_proj_scale_inv[e, :r1, :c1].copy_(fields["w1_scale"])
+            m.down_proj[e].copy_(fields["w2"])
+            m.down_proj_scale_inv[e].zero_()
+            m.down_proj_scale_inv[e, :r2, :c2].copy_(fields["w2_scale"])
+
+    return ExpertSource(wf, read, write, f"transformers FP8Experts ({wf.name})")
+
+
+def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """gpt-oss rows alternate gate and up: ``[2I, ...]`` -> gate rows then up rows (the canonical order)."""
+    return torch.cat((t[0::2], t[1::2]))
+
+
+class SafetensorsReader:
+    """Named tensors of a checkpoint folder's shards, opened memory-mapped; ``expert(name, e)`` reads one slice."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            shards = sorted(p.name for p in path.glob("*.safetensors"))
+        self._files = [safe_open(path / s, framework="pt") for s in shards]
+        self.where = {key: f for f in self._files for key in f.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._get(name).get_tensor(name)
+
+    def expert(self, name: str, e: int) -> torch.Tensor:
+        """Expert ``e`` of a stacked ``[E, ...]`` tensor, reading only its bytes."""
+        return self._get(name).get_slice(name)[e]
+
+    def _get(self, name: str):  # noqa: ANN202 - safetensors' handle type is private
+        if name not in self.where:
+            raise ConfigError(f"the checkpoint has no tensor {name!r}; is it a quantized checkpoint of this model?")
+        return self.where[name]
+
+
+def mxfp4_checkpoint_source(reader: SafetensorsReader, layers: Sequence[MoELayer], dtype: torch.dtype) -> ExpertSource:
+    """gpt-oss's MXFP4 experts (``{experts}.gate_up_proj_blocks [E, 2I, H/32, 16]``, ``*_scales [E, 2I, H/32]``
+    e8m0, ``*_bias [E, 2I]``, gate/up rows interleaved; ``down_proj_*`` alike), read one expert at a time."""
+    wf = weight_format("mxfp4")
+
+    def read(layer: int, e: int) -> Fields:
+        prefix = layers[layer].name
+        blocks1 = reader.expert(f"{prefix}.gate_up_proj_blocks", e)  # [2I, H/32, 16]
+        blocks2 = reader.expert(f"{prefix}.down_proj_blocks", e)  # [H, I/32, 16]
+        return {
+            "w1": _deinterleave(blocks1.flatten(-2)),  # [2I, H/2]
+            "w1_scale": _deinterleave(reader.expert(f"{prefix}.gate_up_proj_scales", e)),  # [2I, H/32]
+            "w2": blocks2.flatten(-2),  # [H, I/2]
+            "w2_scale": reader.expert(f"{prefix}.down_proj_scales", e),  # [H, I/32]
+            "b1": _deinterleave(reader.expert(f"{prefix}.gate_up_proj_bias", e)).to(dtype),
+            "b2": reader.expert(f"{prefix}.down_proj_bias", e).to(dtype),
+        }
+
+    return ExpertSource(wf, read, None, "MXFP4 experts streamed from safetensors")
