@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from prophet.errors import ConfigError, UnsupportedModelError
 from prophet.formats import WeightFormat, weight_format
-from prophet.models.adapter import MoELayer
+from prophet.models.adapter import MoELayer, moe_layers
 
 Fields = dict[str, torch.Tensor]
 
@@ -140,3 +141,53 @@ def mxfp4_checkpoint_source(reader: SafetensorsReader, layers: Sequence[MoELayer
         }
 
     return ExpertSource(wf, read, None, "MXFP4 experts streamed from safetensors")
+
+
+def quantized_checkpoint(path: Path, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, ExpertSource] | None:
+    """A checkpoint folder whose experts are quantized (``quantization_config`` with ``quant_method: mxfp4``, as
+    gpt-oss ships) as ``(model, source)``: the model is built on the meta device, its other weights are read
+    from the shards in ``dtype``, and the experts stay in the shards for `prophet.wrap` to stream through
+    ``source``. None for a checkpoint without ``quantization_config``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quant = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    if method != "mxfp4":
+        raise UnsupportedModelError(
+            f"{path}: quant_method={method!r} checkpoints are not read yet; Prophet streams MXFP4 experts (gpt-oss). "
+            "For FP8, load the model with transformers and pass it to prophet.wrap (FP8Experts are stored as they are)"
+        )
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    del config.quantization_config
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.bfloat16
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = moe_layers(model)
+    for layer in layers:  # shaped placeholders that hold no memory (stride 0) until unwrap gives them storage
+        for name, p in list(layer.experts.named_parameters()):
+            owner, _, leaf = name.rpartition(".")
+            empty = torch.zeros((), dtype=p.dtype).expand(p.shape)
+            setattr(layer.experts.get_submodule(owner), leaf, nn.Parameter(empty, requires_grad=False))
+    experts = tuple(f"{layer.name}." for layer in layers)
+    reader = SafetensorsReader(path)
+    state = {}
+    for key in reader.keys():
+        if not key.startswith(experts):
+            t = reader.tensor(key)
+            state[key] = t.to(dtype) if t.is_floating_point() else t
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    for name, module in model.named_modules():
+        if name.startswith(experts) or f"{name}." in experts:
+            continue
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            missing = [n for n, p in module.named_parameters(recurse=False) if p.is_meta]
+            raise ConfigError(f"{path}: the checkpoint has no {name}.{missing[0]}; is it complete?")
+        if any(b.is_meta for b in module.buffers(recurse=False)):  # computed buffers, e.g. rotary frequencies
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
+    return model.eval(), mxfp4_checkpoint_source(reader, layers, dtype)

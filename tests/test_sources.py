@@ -132,3 +132,11 @@ def test_load_streams_a_gpt_oss_mxfp4_checkpoint_into_the_store(tmp_path):
     runtime = runtime_of(model)
     assert runtime.store.weights.name == "mxfp4"
     assert rel_diff(out, expected) <= 1e-5
+
+
+def test_unwrap_of_a_streamed_checkpoint_gives_the_dequantized_experts(tmp_path):
+    expected_model = save_mxfp4_checkpoint(tiny_gpt_oss(), tmp_path)
+    model = prophet.unwrap(prophet.load(tmp_path, dtype=torch.float32, device="cpu"))
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        assert rel_diff(model(ids).logits, expected_model(ids).logits) <= 1e-5
