@@ -3,7 +3,8 @@
 `prophet.wrap` fills the store from an `ExpertSource` instead of the experts' dense tensors when the experts
 modules are transformers' own quantized ones (`fp8_module_source`: FP8Experts with block-wise ``*_scale_inv``,
 as FP8 checkpoints load), and `prophet.load` streams a quantized checkpoint's expert tensors straight from its
-safetensors shards (`mxfp4_checkpoint_source`: gpt-oss's ``*_blocks``/``*_scales``), one expert at a time, so
+safetensors shards (`mxfp4_checkpoint_source`: gpt-oss's ``*_blocks``/``*_scales``; `fp8_checkpoint_source`:
+block-wise FP8 ``weight_scale_inv`` as DeepSeek-V3 and Qwen3-FP8 ship), one expert at a time, so
 no dense copy of the experts ever exists on the host. A source reads one expert's fields in the canonical
 layout of `prophet.formats` (a permutation of rows at most: values and scales are never recomputed) and, where
 it can, writes them back, which makes `unwrap` restore the quantized modules bit for bit.
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from prophet.errors import ConfigError, UnsupportedModelError
-from prophet.formats import WeightFormat, weight_format
+from prophet.formats import WeightFormat, dequantize, weight_format
 from prophet.models.adapter import MoELayer, moe_layers
 
 Fields = dict[str, torch.Tensor]
@@ -143,22 +144,67 @@ def mxfp4_checkpoint_source(reader: SafetensorsReader, layers: Sequence[MoELayer
     return ExpertSource(wf, read, None, "MXFP4 experts streamed from safetensors")
 
 
+def fp8_checkpoint_source(reader: SafetensorsReader, layers: Sequence[MoELayer], block: Sequence[int]) -> ExpertSource:
+    """Block-wise FP8 experts with fp32 ``weight_scale_inv``: stacked under the experts module's path
+    (``{experts}.gate_up_proj [E, 2I, H]``, ``.gate_up_proj_scale_inv``, ``.down_proj*``), or one module per
+    expert as DeepSeek-V3 and Qwen3-FP8 ship (``{experts}.{e}.gate_proj.weight`` and ``.weight_scale_inv``,
+    ``up_proj``, ``down_proj``; gate and up rows are stacked, so I must be a multiple of the block rows)."""
+    wf = _fp8_format(block)
+    fmt = layers[0].fmt
+    (r1, c1), (r2, c2) = wf.shapes(fmt.w1_rows, fmt.hidden_size)[1], wf.shapes(fmt.hidden_size, fmt.intermediate_size)[1]
+
+    def read(layer: int, e: int) -> Fields:
+        prefix = layers[layer].name
+        if f"{prefix}.gate_up_proj" in reader.where:
+            return {"w1": reader.expert(f"{prefix}.gate_up_proj", e),
+                    "w1_scale": reader.expert(f"{prefix}.gate_up_proj_scale_inv", e)[:r1, :c1],
+                    "w2": reader.expert(f"{prefix}.down_proj", e),
+                    "w2_scale": reader.expert(f"{prefix}.down_proj_scale_inv", e)[:r2, :c2]}
+        if fmt.intermediate_size % wf.block_rows:
+            raise UnsupportedModelError(f"per-expert FP8 gate/up of {fmt.intermediate_size} rows do not fill whole "
+                                        f"{wf.block_rows}-row scale blocks, so they cannot share one slab")
+        gate, up, down = (f"{prefix}.{e}.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
+        return {"w1": torch.cat((reader.tensor(f"{gate}.weight"), reader.tensor(f"{up}.weight"))),
+                "w1_scale": torch.cat((reader.tensor(f"{gate}.weight_scale_inv"), reader.tensor(f"{up}.weight_scale_inv"))),
+                "w2": reader.tensor(f"{down}.weight"), "w2_scale": reader.tensor(f"{down}.weight_scale_inv")}
+
+    return ExpertSource(wf, read, None, f"FP8 experts ({wf.name}) streamed from safetensors")
+
+
+def _non_expert_state(reader: SafetensorsReader, experts: tuple[str, ...], dtype: torch.dtype,
+                      block: Sequence[int] | None) -> dict[str, torch.Tensor]:
+    """Every tensor outside the experts in ``dtype``; FP8 weights with a ``weight_scale_inv`` are dequantized."""
+    state = {}
+    for key in reader.keys():
+        if key.startswith(experts) or key.endswith("_scale_inv"):
+            continue
+        t = reader.tensor(key)
+        if f"{key}_scale_inv" in reader.where:
+            if block is None:
+                raise UnsupportedModelError(f"{key} has a scale_inv but the checkpoint names no weight_block_size")
+            t = dequantize(_fp8_format(block), t, reader.tensor(f"{key}_scale_inv"), tuple(t.shape))
+        state[key] = t.to(dtype) if t.is_floating_point() else t
+    return state
+
+
 def quantized_checkpoint(path: Path, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, ExpertSource] | None:
-    """A checkpoint folder whose experts are quantized (``quantization_config`` with ``quant_method: mxfp4``, as
-    gpt-oss ships) as ``(model, source)``: the model is built on the meta device, its other weights are read
-    from the shards in ``dtype``, and the experts stay in the shards for `prophet.wrap` to stream through
+    """A checkpoint folder whose experts are quantized (``quantization_config`` with ``quant_method`` mxfp4, as
+    gpt-oss ships, or fp8 with ``weight_block_size``, as DeepSeek-V3 and transformers' FP8 saves) as ``(model,
+    source)``: the model is built on the meta device, its other weights are read from the shards in ``dtype``
+    (FP8 ones dequantized), and the experts stay in the shards for `prophet.wrap` to stream through
     ``source``. None for a checkpoint without ``quantization_config``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quant = json.loads((path / "config.json").read_text()).get("quantization_config")
     if not quant:
         return None
-    method = quant.get("quant_method")
-    if method != "mxfp4":
-        raise UnsupportedModelError(
-            f"{path}: quant_method={method!r} checkpoints are not read yet; Prophet streams MXFP4 experts (gpt-oss). "
-            "For FP8, load the model with transformers and pass it to prophet.wrap (FP8Experts are stored as they are)"
-        )
+    method, block = quant.get("quant_method"), quant.get("weight_block_size")
+    if method not in ("mxfp4", "fp8"):
+        raise UnsupportedModelError(f"{path}: quant_method={method!r} checkpoints are not read; Prophet streams MXFP4 "
+                                    "(gpt-oss) and block-wise FP8 experts")
+    if method == "fp8" and (block is None or quant.get("activation_scheme", "dynamic") != "dynamic"):
+        raise UnsupportedModelError(f"{path}: FP8 checkpoints need weight_block_size and dynamic activations "
+                                    f"(got {block}, {quant.get('activation_scheme')!r})")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     del config.quantization_config
     if dtype == "auto":
@@ -174,12 +220,7 @@ def quantized_checkpoint(path: Path, dtype: torch.dtype | str = "auto") -> tuple
             setattr(layer.experts.get_submodule(owner), leaf, nn.Parameter(empty, requires_grad=False))
     experts = tuple(f"{layer.name}." for layer in layers)
     reader = SafetensorsReader(path)
-    state = {}
-    for key in reader.keys():
-        if not key.startswith(experts):
-            t = reader.tensor(key)
-            state[key] = t.to(dtype) if t.is_floating_point() else t
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(_non_expert_state(reader, experts, dtype, block), strict=False, assign=True)
     model.tie_weights()
     for name, module in model.named_modules():
         if name.startswith(experts) or f"{name}." in experts:
@@ -190,4 +231,6 @@ def quantized_checkpoint(path: Path, dtype: torch.dtype | str = "auto") -> tuple
         if any(b.is_meta for b in module.buffers(recurse=False)):  # computed buffers, e.g. rotary frequencies
             module.to_empty(device="cpu", recurse=False)
             model._init_weights(module)
+    if method == "fp8":
+        return model.eval(), fp8_checkpoint_source(reader, layers, block)
     return model.eval(), mxfp4_checkpoint_source(reader, layers, dtype)

@@ -140,3 +140,67 @@ def test_unwrap_of_a_streamed_checkpoint_gives_the_dequantized_experts(tmp_path)
     ids = torch.randint(0, 96, (1, 5))
     with torch.no_grad():
         assert rel_diff(model(ids).logits, expected_model(ids).logits) <= 1e-5
+
+
+def save_fp8_checkpoint(path, layout: str):
+    """A tiny Qwen3-MoE saved as block-wise FP8 checkpoints are (experts and attention projections fp8 with fp32
+    ``weight_scale_inv`` per 128x128 block), experts one module per expert as Qwen3-FP8 and DeepSeek-V3 ship
+    them (``per_expert``) or stacked under the experts module (``stacked``); returns the model holding the
+    dequantized weights."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=96, hidden_size=64, intermediate_size=128, moe_intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                         num_experts_per_tok=2, mlp_only_layers=[])
+    model = Qwen3MoeForCausalLM(cfg).eval()
+    wf = weight_format("fp8")
+    model.save_pretrained(path)
+    tensors = {}
+    for f in path.glob("*.safetensors"):
+        tensors |= load_file(f)
+        f.unlink()
+    params = dict(model.named_parameters())
+
+    def fp8(key: str) -> torch.Tensor:
+        """Quantize checkpoint tensor ``key`` in place (adding its scale_inv); returns its dequantized weights."""
+        values, scales = quantize(wf, tensors[key])
+        tensors[key], tensors[f"{key}_scale_inv"] = values, scales
+        return dequantize(wf, values, scales, tuple(values.shape))
+
+    with torch.no_grad():
+        for key in [k for k in tensors if k.endswith(("q_proj.weight", "o_proj.weight"))]:
+            params[key].copy_(fp8(key))
+        for layer in moe_layers(model):
+            for e in range(layer.num_experts):
+                proj = {n: f"{layer.name}.{e}.{n}_proj.weight" for n in ("gate", "up", "down")}
+                layer.experts.gate_up_proj[e].copy_(torch.cat((fp8(proj["gate"]), fp8(proj["up"]))))
+                layer.experts.down_proj[e].copy_(fp8(proj["down"]))
+            if layout == "stacked":
+                def take(n: str, suffix: str, e: int, name: str = layer.name) -> torch.Tensor:
+                    return tensors.pop(f"{name}.{e}.{n}_proj.{suffix}")
+
+                for suffix, out in (("weight", ""), ("weight_scale_inv", "_scale_inv")):
+                    experts = range(layer.num_experts)
+                    tensors[f"{layer.name}.gate_up_proj{out}"] = torch.stack(
+                        [torch.cat((take("gate", suffix, e), take("up", suffix, e))) for e in experts])
+                    tensors[f"{layer.name}.down_proj{out}"] = torch.stack([take("down", suffix, e) for e in experts])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                     "activation_scheme": "dynamic"}
+    (path / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per_expert"])
+def test_load_streams_a_block_fp8_checkpoint_into_the_store(tmp_path, layout):
+    expected_model = save_fp8_checkpoint(tmp_path, layout)
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        expected = expected_model(ids).logits
+        model = prophet.load(tmp_path, dtype=torch.float32, device="cpu", cache_slots=3)
+        out = model(ids).logits
+    assert runtime_of(model).store.weights.name == "fp8"
+    assert rel_diff(out, expected) <= 1e-5
