@@ -16,6 +16,11 @@ rounded to the weight dtype before the down projection, as the eager model does.
 scaled by the router weight into ``y [split, T*k, H]`` fp32 -> a fixed-order sum over j (no atomic adds of
 results, so they are deterministic). The decode path (T*k <= 64) needs no align step.
 
+Quantized experts (``quant``: int8, int4, fp8, mxfp4, see `prophet.formats`) pass their values as ``w1``/``w2``
+(bytes for the packed formats) and their scales in `Quant`, all views into the same slot slabs; the kernels
+dequantize each weight tile in registers, the reference with `prophet.formats.dequantize`, and ``a`` is
+rounded to the activation dtype.
+
 The Triton kernels live in `kernels.moe_kernels` and are imported on the first Triton launch only.
 """
 

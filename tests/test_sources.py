@@ -83,17 +83,31 @@ def tiny_gpt_oss():
     return model
 
 
+def saved_tensors(model, path) -> dict[str, torch.Tensor]:
+    """``model.save_pretrained(path)``'s tensors, its shards removed (a quantized set replaces them)."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path)
+    tensors = {}
+    for f in path.glob("*.safetensors"):
+        tensors |= load_file(f)
+        f.unlink()
+    return tensors
+
+
+def write_checkpoint(path, tensors: dict[str, torch.Tensor], quantization_config: dict) -> None:
+    """One shard of ``tensors`` and the config's ``quantization_config``, as quantized checkpoints ship."""
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (path / "config.json").write_text(json.dumps(config))
+
+
 def save_mxfp4_checkpoint(model, path):
     """``model`` saved as gpt-oss ships: experts as MXFP4 ``*_blocks``/``*_scales`` (gate/up rows interleaved),
     everything else as is; returns the model with its experts replaced by the dequantized weights."""
     wf = weight_format("mxfp4")
-    model.save_pretrained(path)
-    tensors = {}
-    for f in path.glob("*.safetensors"):
-        from safetensors.torch import load_file
-
-        tensors |= load_file(f)
-        f.unlink()
+    tensors = saved_tensors(model, path)
     with torch.no_grad():
         for layer in moe_layers(model):
             for name in ("gate_up_proj", "down_proj"):
@@ -104,11 +118,8 @@ def save_mxfp4_checkpoint(model, path):
                 tensors[f"{layer.name}.{name}_scales"] = scales.contiguous()
                 deq = torch.stack([dequantize(wf, blocks[e], scales[e], tuple(w[e].shape)) for e in range(w.shape[0])])
                 getattr(layer.experts, name).copy_(deq.transpose(1, 2))
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
-                                     "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (path / "config.json").write_text(json.dumps(config))
+    write_checkpoint(path, tensors, {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
     return model
 
 
@@ -147,7 +158,6 @@ def save_fp8_checkpoint(path, layout: str):
     ``weight_scale_inv`` per 128x128 block), experts one module per expert as Qwen3-FP8 and DeepSeek-V3 ship
     them (``per_expert``) or stacked under the experts module (``stacked``); returns the model holding the
     dequantized weights."""
-    from safetensors.torch import load_file
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
@@ -156,11 +166,7 @@ def save_fp8_checkpoint(path, layout: str):
                          num_experts_per_tok=2, mlp_only_layers=[])
     model = Qwen3MoeForCausalLM(cfg).eval()
     wf = weight_format("fp8")
-    model.save_pretrained(path)
-    tensors = {}
-    for f in path.glob("*.safetensors"):
-        tensors |= load_file(f)
-        f.unlink()
+    tensors = saved_tensors(model, path)
     params = dict(model.named_parameters())
 
     def fp8(key: str) -> torch.Tensor:
@@ -186,11 +192,8 @@ def save_fp8_checkpoint(path, layout: str):
                     tensors[f"{layer.name}.gate_up_proj{out}"] = torch.stack(
                         [torch.cat((take("gate", suffix, e), take("up", suffix, e))) for e in experts])
                     tensors[f"{layer.name}.down_proj{out}"] = torch.stack([take("down", suffix, e) for e in experts])
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
-                                     "activation_scheme": "dynamic"}
-    (path / "config.json").write_text(json.dumps(config))
+    write_checkpoint(path, tensors, {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                     "activation_scheme": "dynamic"})
     return model
 
 
