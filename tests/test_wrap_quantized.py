@@ -101,3 +101,4 @@ def test_bad_expert_dtype_is_refused_and_the_model_left_as_it_was(expert_dtype, 
             prophet.wrap(model, device="cpu", expert_dtype=expert_dtype)
         assert torch.equal(model(ids).logits, ref)
     assert not is_wrapped(model)
+

@@ -1,12 +1,16 @@
 """The planner and the simulator's cost model count the bytes of the chosen expert format (scales included)."""
 
 import pytest
+import torch
+from test_wrap_plan import gpu_for_slots
 
+import prophet
 from prophet.errors import ConfigError
 from prophet.formats import expert_nbytes, weight_format
 from prophet.models.registry import get_spec
 from prophet.plan import plan
 from prophet.sim import CostModel, get_profile
+from prophet.wrap import runtime_of
 
 
 def test_int4_plan_holds_about_four_times_the_bf16_slots():
@@ -30,3 +34,14 @@ def test_any_bit_width_is_modelled_in_the_cost_model(name, bits):
 def test_unknown_expert_format_is_refused():
     with pytest.raises(ConfigError, match="unknown"):
         plan(get_spec("mixtral-8x7b"), "rtx-4090", 4096, expert_dtype="q4_k")
+
+
+def test_planned_wrap_sizes_slots_by_the_quantized_bytes():
+    spec = get_spec("mixtral")
+    gpu = gpu_for_slots(spec, 256, 1, 4.5)  # four fp32 tiny experts fit
+    dense = runtime_of(prophet.wrap(spec.tiny_model(), device="cpu", max_context=256, gpu=gpu))
+    int4 = runtime_of(prophet.wrap(spec.tiny_model(), device="cpu", max_context=256, gpu=gpu, expert_dtype="int4"))
+    assert dense.plan.expert_slots == 4
+    assert int4.plan.expert_bytes == int4.store.slab_bytes < dense.plan.expert_bytes / 6  # fp32 -> int4 + scales
+    assert int4.plan.expert_slots >= min(6 * 4, dense.plan.total_experts) and int4.cache.num_slots == int4.plan.expert_slots
+    assert dense.store.compute_dtype == int4.store.compute_dtype == torch.float32
