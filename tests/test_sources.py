@@ -143,6 +143,10 @@ def test_load_streams_a_gpt_oss_mxfp4_checkpoint_into_the_store(tmp_path):
     runtime = runtime_of(model)
     assert runtime.store.weights.name == "mxfp4"
     assert rel_diff(out, expected) <= 1e-5
+    total = prophet.stats(model).total  # every copy moved one MXFP4 slab: values, e8m0 scales and biases
+    assert total.misses > 0 and total.bytes_h2d == total.misses * runtime.store.slab_bytes
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), expected_model.generate(ids, **kwargs))
 
 
 def test_unwrap_of_a_streamed_checkpoint_gives_the_dequantized_experts(tmp_path):
@@ -205,5 +209,8 @@ def test_load_streams_a_block_fp8_checkpoint_into_the_store(tmp_path, layout):
         expected = expected_model(ids).logits
         model = prophet.load(tmp_path, dtype=torch.float32, device="cpu", cache_slots=3)
         out = model(ids).logits
-    assert runtime_of(model).store.weights.name == "fp8"
+    runtime = runtime_of(model)
+    assert runtime.store.weights.name == "fp8" and runtime.store.slab_bytes < runtime.store.fmt.nbytes(torch.bfloat16) / 1.9
     assert rel_diff(out, expected) <= 1e-5
+    total = prophet.stats(model).total
+    assert total.misses > 0 and total.bytes_h2d == total.misses * runtime.store.slab_bytes
