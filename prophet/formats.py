@@ -171,7 +171,7 @@ class WeightFormat:
     @property
     def code(self) -> int:
         """The kernels' constexpr for this format."""
-        return KERNEL_CODES["dense" if self.kind == "dense" else self.kind if self.kind != "int" else self.name]
+        return KERNEL_CODES[self.name if self.kind == "int" else self.kind]
 
     @property
     def value_dtype(self) -> torch.dtype:
@@ -278,6 +278,9 @@ def quantize(wf: WeightFormat, w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     br, bc = wf.block(n, k)
     w = w.detach().float().contiguous()
     amax = _blocks(w.abs(), br, bc).amax(dim=(1, 3))  # [N/br, K/bc]
+    if not torch.isfinite(amax).all() or (wf.kind == "int" and amax.max() > 60000):
+        raise ConfigError(f"weights of {amax.max().item():.3g} in magnitude (or NaN) cannot be quantized to "
+                          f"{wf.name}; check the checkpoint, or keep these experts dense")
     if wf.kind == "int":
         qmax = 2 ** (wf.value_bits - 1) - 1
         scales = torch.where(amax > 0, amax / qmax, 1.0).to(torch.float16)  # [N/br, K/bc]

@@ -108,6 +108,13 @@ def test_dense_layout_is_the_historical_one():
     assert layout.numel == MIXTRAL.numel and layout.storage_dtype == torch.bfloat16
 
 
+def test_weights_outside_the_scale_range_are_refused():
+    with pytest.raises(ConfigError, match="cannot be quantized"):
+        quantize(weight_format("int4"), torch.tensor([[1e6, 1.0]]))
+    with pytest.raises(ConfigError, match="NaN"):
+        quantize(weight_format("fp8"), torch.tensor([[float("nan"), 1.0]]))
+
+
 def test_unknown_and_modelling_only_formats_are_refused():
     with pytest.raises(ConfigError, match="unknown"):
         weight_format("nf4")
