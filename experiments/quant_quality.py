@@ -24,11 +24,14 @@ from train_tiny_moe import corpus  # this script's folder: the held-out plays ex
 from transformers import AutoModelForCausalLM
 
 import prophet
+from prophet.formats import weight_format
 from prophet.provenance import git_sha, versions
 from prophet.wrap import runtime_of
 
 REPO = Path(__file__).resolve().parent.parent
-FORMATS = ["bf16", "fp8", "fp8-channel", "int8", "mxfp4", "int4"]
+# label -> expert_dtype of prophet.wrap (None: the bf16 experts as they are)
+FORMATS = {"bf16": None, "fp8": "fp8", "fp8-channel": "fp8-channel", "fp8-tensor": "fp8-tensor", "int8": "int8",
+           "mxfp4": "mxfp4", "int4": "int4", "int4-g64": weight_format("int4", 64), "int4-g32": weight_format("int4", 32)}
 SEQ, WINDOWS = 128, 64
 
 
@@ -63,8 +66,8 @@ def main() -> None:
     ref = logits_of(base, batch)
     ref_ppl = perplexity(ref, batch)
     rows = []
-    for name in tqdm(FORMATS, desc="formats"):
-        model = prophet.wrap(copy.deepcopy(base), device="cpu", expert_dtype=None if name == "bf16" else name)
+    for name, expert_dtype in tqdm(FORMATS.items(), desc="formats"):
+        model = prophet.wrap(copy.deepcopy(base), device="cpu", expert_dtype=expert_dtype)
         runtime = runtime_of(model)
         out = logits_of(model, batch)
         ppl = perplexity(out, batch)
