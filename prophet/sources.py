@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,7 +118,7 @@ class SafetensorsReader:
         """Expert ``e`` of a stacked ``[E, ...]`` tensor, reading only its bytes."""
         return self._get(name).get_slice(name)[e]
 
-    def _get(self, name: str):  # noqa: ANN202 - safetensors' handle type is private
+    def _get(self, name: str) -> Any:  # a safetensors file handle
         if name not in self.where:
             raise ConfigError(f"the checkpoint has no tensor {name!r}; is it a quantized checkpoint of this model?")
         return self.where[name]

@@ -5,7 +5,8 @@ For Mixtral-8x7B expert shapes (H=4096, I=14336, 8 experts, top-2) at 1, 4 and 1
 pool as the expert cache holds it, then `prophet.kernels.moe.moe_experts_triton` is checked against
 `moe_experts_reference` (which dequantizes with `prophet.formats.dequantize`) and timed (median of
 `triton.testing.do_bench`). Bandwidth counts the slot bytes of the distinct experts touched plus activations;
-it is reported as a share of the HBM copy rate measured first in the same run. transformers' own quantized
+it is reported as a share of the HBM copy rate measured first in the same run, and beside dequantizing the used
+experts to bf16 first and running the bf16 kernel (the path without in-kernel dequantization). transformers' own quantized
 experts (FP8Experts with 128x128 blocks, Mxfp4GptOssExperts) are run on the same weights where their kernels
 load on this machine (they may need the ``kernels`` hub package); otherwise the record says why not.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from bench_grouped_gemm import hbm_copy_gbps, median_ms, relative_error  # this script's folder
 
-from prophet.formats import ExpertFormat, quantize, quantize_expert, slab_layout, weight_format
+from prophet.formats import ExpertFormat, dequantize, quantize, quantize_expert, slab_layout, weight_format
 from prophet.kernels.moe import Quant, moe_experts_reference, moe_experts_triton
 from prophet.kernels.tuning import device_name
 from prophet.provenance import git_sha, versions
@@ -50,6 +51,17 @@ def slot_pool(name: str, dense: dict[str, torch.Tensor], device: torch.device) -
             views[key][e].copy_(value)
     quant = Quant(layout.weights, views["w1_scale"], views["w2_scale"]) if layout.weights.quantized else None
     return views, quant, layout.nbytes
+
+
+def dequantize_then_bf16(hidden, index, weights, w1, w2, fmt, b1, b2, quant: Quant) -> torch.Tensor:
+    """The used experts dequantized to bf16 (`prophet.formats.dequantize`), then the bf16 kernel over them."""
+    used = index.unique()  # [U] slots touched
+    deq = {name: torch.stack([dequantize(quant.weights, values[s], scales[s], shape).to(hidden.dtype)
+                              for s in used.tolist()])
+           for name, values, scales, shape in (("w1", w1, quant.w1_scale, (fmt.w1_rows, fmt.hidden_size)),
+                                               ("w2", w2, quant.w2_scale, (fmt.hidden_size, fmt.intermediate_size)))}
+    remap = torch.searchsorted(used, index)  # [T, k] slot -> position among the used ones
+    return moe_experts_triton(hidden, remap, weights, deq["w1"], deq["w2"], fmt)
 
 
 def transformers_fp8(dense: dict[str, torch.Tensor], hidden, index, weights) -> tuple[float, torch.Tensor] | str:
@@ -101,6 +113,8 @@ def main() -> int:
             share = moved / (ms * 1e-3) / 1e9 / hbm
             row = {"format": name, "tokens": tokens, "ms": ms, "expert_bytes": slab, "rel_error": err,
                    "GBps": moved / (ms * 1e-3) / 1e9, "share_of_hbm_copy": share}
+            if quant is not None:  # the alternative to in-kernel dequantization: bf16 copies of the used experts
+                row["dequantize_then_bf16_ms"] = median_ms(lambda args=args: dequantize_then_bf16(*args))
             if name == "fp8" and tokens in (1, 16):
                 hf = transformers_fp8(dense, hidden, index, weights)
                 row["transformers_fp8_experts"] = hf if isinstance(hf, str) else {
