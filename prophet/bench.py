@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=None, help="expert slots for the whole model, instead of the plan's")
     p.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp16 or fp8")
     p.add_argument("--expert-dtype", default=None, help="simulate experts stored quantized: int4, int8, fp8, mxfp4, "
-                   "or any modelled width int2..int7 (default: bf16)")
+                   "or a modelled width: int2..int7, or <b>bit such as 2.6bit (default: bf16)")
     p.add_argument("--trace", default=None, help="router trace to replay or force (default: synthetic, for the "
                    "model's shape); with --weights real, the routing the predictor learns from")
     p.add_argument("--policy", default="lru,prophet", help="comma list: lru, lfu, fifo, belady, prophet")

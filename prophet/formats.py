@@ -152,9 +152,9 @@ class WeightFormat:
     ``block_rows``/``block_cols`` of 0 mean the whole dimension (per-tensor: 0, 0; per-row: 1, 0).
     """
 
-    name: str  # "bf16" | "fp16" | "fp32" | "int8" | "int4" | "fp8" | "mxfp4" | "int2" .. "int7"
-    kind: str  # "dense" | "int" | "fp8" | "mxfp4"
-    value_bits: int
+    name: str  # "bf16" | "fp16" | "fp32" | "int8" | "int4" | "fp8" | "mxfp4" | "int2" .. "int7" | "<b>bit"
+    kind: str  # "dense" | "int" | "fp8" | "mxfp4" | "bits" (a modelled width, scales included)
+    value_bits: float
     block_rows: int = 1
     block_cols: int = 0
     scale_dtype: torch.dtype | None = None  # None for dense; torch.uint8 holds e8m0 exponents
@@ -166,7 +166,7 @@ class WeightFormat:
     @property
     def runnable(self) -> bool:
         """Whether quantize, the kernels and the store support it (other bit widths are for modelling only)."""
-        return self.kind != "int" or self.value_bits in (4, 8)
+        return self.kind != "bits" and (self.kind != "int" or self.value_bits in (4, 8))
 
     @property
     def code(self) -> int:
@@ -190,12 +190,14 @@ class WeightFormat:
         """``(values shape, scales shape or None)`` of a ``[rows, cols]`` matrix."""
         if not self.quantized:
             return (rows, cols), None
-        width = -(-cols * self.value_bits // 8)  # packed bytes per row
+        width = -(-cols * int(self.value_bits) // 8)  # packed bytes per row
         br, bc = self.block(rows, cols)
         return (rows, width), (-(-rows // br), -(-cols // bc))
 
     def nbytes(self, rows: int, cols: int) -> int:
         """Bytes of a ``[rows, cols]`` matrix in this format, scales included."""
+        if self.kind == "bits":
+            return math.ceil(rows * cols * self.value_bits / 8)
         if not self.quantized:
             return rows * cols * DENSE[self.name].itemsize
         values, scales = self.shapes(rows, cols)
@@ -209,7 +211,8 @@ class WeightFormat:
 def weight_format(name: str, group_size: int | None = None) -> WeightFormat:
     """A named format: ``bf16``/``fp16``/``fp32``; ``int8``, ``int4`` (``group_size`` columns per fp16
     scale, default 128; 0 for one scale per row); ``fp8`` (128x128 block ``scale_inv``), ``fp8-channel``,
-    ``fp8-tensor``; ``mxfp4``; ``int2`` .. ``int7`` (modelling only)."""
+    ``fp8-tensor``; ``mxfp4``; modelling only: ``int2`` .. ``int7`` and ``<b>bit`` (``b`` bits per parameter,
+    scales included, e.g. ``2.6bit`` for llama.cpp-style k-quants)."""
     if name in DENSE:
         return WeightFormat(name, "dense", DENSE[name].itemsize * 8, 0, 0)
     if group_size is not None and not (name.startswith("int") and group_size >= 0):
@@ -222,7 +225,10 @@ def weight_format(name: str, group_size: int | None = None) -> WeightFormat:
         return WeightFormat(name, "fp8", 8, *fp8[name], torch.float32)
     if name == "mxfp4":
         return WeightFormat(name, "mxfp4", 4, 1, 32, torch.uint8)
-    known = [*DENSE, "int8", "int4", "fp8", "fp8-channel", "fp8-tensor", "mxfp4", "int2..int7"]
+    bits = name.removesuffix("bit")
+    if name.endswith("bit") and bits.replace(".", "", 1).isdigit() and 0 < float(bits) <= 32:
+        return WeightFormat(name, "bits", float(bits), 0, 0)
+    known = [*DENSE, "int8", "int4", "fp8", "fp8-channel", "fp8-tensor", "mxfp4", "int2..int7", "<b>bit"]
     raise ConfigError(f"expert format {name!r} is unknown; use one of {', '.join(known)}")
 
 

@@ -22,7 +22,8 @@ def test_int4_plan_holds_about_four_times_the_bf16_slots():
     assert int4.expert_dtype == "int4" and "int4 experts" in int4.table()
 
 
-@pytest.mark.parametrize("name, bits", [("int3", 3 + 16 / 128), ("int2", 2 + 16 / 128), ("fp8", 8.0), ("mxfp4", 4.25)])
+@pytest.mark.parametrize("name, bits", [("int3", 3 + 16 / 128), ("int2", 2 + 16 / 128), ("fp8", 8.0), ("mxfp4", 4.25),
+                                        ("2.6bit", 2.6)])
 def test_any_bit_width_is_modelled_in_the_cost_model(name, bits):
     spec = get_spec("mixtral-8x7b")
     cost = CostModel(spec, get_profile("rtx-4090"), expert_dtype=name)
