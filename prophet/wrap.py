@@ -26,7 +26,7 @@ from prophet.errors import (
     DtypeError,
     ProphetError,
 )
-from prophet.formats import WeightFormat, slab_layout, weight_format
+from prophet.formats import WeightFormat, dense_format, slab_layout, weight_format
 from prophet.layer import OffloadedExperts
 from prophet.models.adapter import Adapter, MoELayer, moe_layers
 from prophet.plan import Plan, model_sizes, plan, resolve_gpu
@@ -107,11 +107,11 @@ def _compute_dtype(model: nn.Module, expert_params: list[nn.Parameter]) -> torch
 def _expert_format(expert_dtype: str | WeightFormat | None, dtype: torch.dtype) -> WeightFormat:
     """The store's format: ``expert_dtype`` by name or as given, else dense in the model's ``dtype``."""
     if expert_dtype is None:
-        return weight_format({torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype])
+        return dense_format(dtype)
     wf = weight_format(expert_dtype) if isinstance(expert_dtype, str) else expert_dtype
     if not wf.runnable:
         raise ConfigError(f"expert_dtype={wf.name!r} is modelling-only; wrap with int4, int8, fp8 or mxfp4")
-    if not wf.quantized and wf.name != _expert_format(None, dtype).name:
+    if not wf.quantized and wf != dense_format(dtype):
         raise ConfigError(f"expert_dtype={wf.name!r} differs from the model's {dtype}: convert the model with "
                           "model.to(...) instead, or pick a quantized expert_dtype")
     return wf
