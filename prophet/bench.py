@@ -56,6 +56,7 @@ class BenchOptions:
     layers: int | None = None  # random weights: the first N layers only
     slots: int | None = None  # expert slots of the whole model instead of the plan's
     kv_dtype: str = "bf16"
+    expert_dtype: str | None = None  # simulate experts stored quantized (int4, fp8, 2.6bit, ...; default: bf16)
     trace: str | None = None  # routing to replay or force (default: synthetic)
     fit: str | None = None  # routing predictors learn from (default: split the trace)
     in_sample: bool = False
@@ -211,6 +212,9 @@ def _check_measured(opts: BenchOptions) -> None:
         if policy == "belady" or predictor == "oracle":
             raise ConfigError(f"--policy {name}: {policy if policy == 'belady' else 'the oracle'} needs the future, "
                               "which a measured decode does not have; use --simulate for it")
+    if opts.expert_dtype is not None:
+        raise ConfigError(f"--expert-dtype {opts.expert_dtype}: measured decode runs the checkpoint's own dtype; "
+                          "simulate quantized experts with --simulate (prophet.wrap(expert_dtype=...) runs them)")
     if opts.kv_dtype not in ("bf16", "bfloat16"):
         raise ConfigError(f"--kv-dtype {opts.kv_dtype}: measured decode keeps the KV cache in the weights' dtype "
                           "(transformers' attention); plan and simulate other KV dtypes with --simulate")
@@ -234,7 +238,8 @@ def run(opts: BenchOptions, report: TextIO | None = None) -> dict[str, Any]:
     profile, device_bytes, detected = profile_name(opts.gpu)
     hardware = get_profile(profile).to_dict()
     ctx = opts.ctx or spec.context_length
-    memory = plan(spec, device_bytes or profile, ctx, opts.batch, weight_dtype=dtype, kv_dtype=opts.kv_dtype)
+    memory = plan(spec, device_bytes or profile, ctx, opts.batch, weight_dtype=dtype, kv_dtype=opts.kv_dtype,
+                  expert_dtype=opts.expert_dtype)
     if detected:
         memory = dataclasses.replace(memory, gpu=detected)
         hardware["detected"] = detected
@@ -300,7 +305,7 @@ def simulate(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sa
 
     sched = schedule(sample.replay, opts.batch, steps)
     slots = _slots(opts, memory)
-    common = {"cache_slots": slots, "batch": opts.batch, "context": memory.ctx}
+    common = {"cache_slots": slots, "batch": opts.batch, "context": memory.ctx, "expert_dtype": opts.expert_dtype}
     results = replay_policies(sample, spec, profile, opts.all_policies, opts.predictor, sched,
                               progress=opts.progress, **common)
     limits = bounds(spec, profile, trace=sample.replay, sched=sched, progress=opts.progress, **common)

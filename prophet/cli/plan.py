@@ -26,7 +26,8 @@ def register(sub: Any) -> None:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     spec = resolve_model(args.model)
     profile, device_bytes, detected = profile_name(args.gpu)
-    memory = plan(spec, device_bytes or profile, args.ctx or spec.context_length, args.batch, kv_dtype=args.kv_dtype)
+    memory = plan(spec, device_bytes or profile, args.ctx or spec.context_length, args.batch, kv_dtype=args.kv_dtype,
+                  expert_dtype=args.expert_dtype)
     if detected:
         memory = dataclasses.replace(memory, gpu=detected)
     print(memory.table(), file=sys.stderr)

@@ -43,6 +43,8 @@ def register(sub: Any) -> None:
     p.add_argument("--batch", type=positive, default=1, help="sequences decoded together (interleaved from the trace)")
     p.add_argument("--steps", type=positive, default=None, help="decode steps (default: every replayed token once)")
     p.add_argument("--context", type=positive, default=2048, help="KV tokens per sequence read at each step")
+    p.add_argument("--expert-dtype", default=None, help="experts stored quantized: int4, int8, fp8, mxfp4, or a "
+                   "modelled width such as 2.6bit (default: bf16)")
     p.add_argument("--no-overlap", action="store_true", help="copies block compute (synchronous engine)")
     p.add_argument("--cpu-fallback", action="store_true", help="run missed experts on the host CPU")
     p.add_argument("--prefetch", choices=("budget", "all", "none"), default="budget",
@@ -79,7 +81,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                            in_sample=args.in_sample, slots_per_layer=args.slots_per_layer,
                            cache_slots=args.cache_slots, batch=args.batch, steps=args.steps, repeat=args.repeat,
                            context=args.context, overlap=not args.no_overlap, cpu_fallback=args.cpu_fallback,
-                           prefetch=args.prefetch, progress=args.progress)
+                           prefetch=args.prefetch, expert_dtype=args.expert_dtype, progress=args.progress)
     config = {k: v for k, v in vars(args).items() if k not in ("handler", "progress", "out")}
     record |= {"config": config | {"model": spec.name, "trace_name": trace.name, "policy": list(args.policy)},
                "versions": versions(), "git_sha": git_sha()}

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--gpu", default=None, help=f"hardware profile (default: the detected GPU, else {DEFAULT_GPU})")
     p.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp16 or fp8")
+    p.add_argument("--expert-dtype", default=None, help="experts stored quantized (planned and simulated): int4, "
+                   "int8, fp8, mxfp4, or a modelled width: int2..int7, or <b>bit such as 2.6bit (default: bf16)")
 
 
 def register(sub: Any) -> None:
@@ -58,7 +60,8 @@ def register(sub: Any) -> None:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     opts = bench.BenchOptions(
         model=args.model, ctx=args.ctx, batch=args.batch, gpu=args.gpu, weights=args.weights, device=args.device,
-        simulate=args.simulate, layers=args.layers, slots=args.slots, kv_dtype=args.kv_dtype, trace=args.trace,
+        simulate=args.simulate, layers=args.layers, slots=args.slots, kv_dtype=args.kv_dtype,
+        expert_dtype=args.expert_dtype, trace=args.trace,
         fit=args.fit, in_sample=args.in_sample, repeat=args.repeat, policies=args.policy, predictor=args.predictor,
         steps=args.steps, warmup=args.warmup, compare=args.compare, progress=not args.no_progress,
     )

@@ -48,6 +48,7 @@ def bounds(
     steps: int | None = None,
     context: int = 2048,
     dtype: torch.dtype = torch.bfloat16,
+    expert_dtype: str | None = None,
     sched: Schedule | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -55,10 +56,11 @@ def bounds(
     ``oracle`` bound every policy replayed on the same schedule; ``all_miss`` is a reference.
 
     Without ``trace``, distinct experts per layer come from uniform routing (`expected_distinct`).
+    ``expert_dtype`` stores the experts quantized, as `replay` models them.
     """
     spec = get_spec(spec) if isinstance(spec, str) else spec
     profile = get_profile(profile)
-    cost = CostModel(spec, profile, dtype, context)
+    cost = CostModel(spec, profile, dtype, context, expert_dtype)
     if trace is not None:
         trace = as_router_trace(trace)
         sched = sched or schedule(trace, batch, steps)
@@ -68,7 +70,8 @@ def bounds(
         distinct = expected_distinct(spec.num_experts, spec.top_k, batch)
         compute = cost.token_seconds(distinct, batch)
     link = spec.num_moe_layers * distinct * cost.copy_seconds()
-    needed = spec.non_expert_bytes(dtype) + spec.all_expert_bytes(dtype) + spec.kv_bytes(context, dtype, batch)
+    all_experts = spec.num_moe_layers * spec.num_experts * cost.expert_bytes
+    needed = spec.non_expert_bytes(dtype) + all_experts + spec.kv_bytes(context, dtype, batch)
     out: dict[str, Any] = {
         "all_resident": {"tokens_per_s": batch / compute, "step_s": compute, "fits": bool(needed <= profile.hbm_bytes),
                          "what": "compute only: every expert resident"},
@@ -79,7 +82,7 @@ def bounds(
     }
     if trace is not None and (slots_per_layer or cache_slots):
         r = replay(trace, spec, profile, policy="belady", slots_per_layer=slots_per_layer, cache_slots=cache_slots,
-                   batch=batch, context=context, dtype=dtype, sched=sched, progress=progress)
+                   batch=batch, context=context, dtype=dtype, expert_dtype=expert_dtype, sched=sched, progress=progress)
         loads = r.misses * cost.copy_seconds() / r.steps  # link seconds per step of the fewest possible loads
         step = max(compute, loads)
         out["oracle"] = {"tokens_per_s": batch / step, "step_s": step, "hit_rate": r.hit_rate,

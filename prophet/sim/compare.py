@@ -102,7 +102,8 @@ def replay_record(trace: RouterTrace, spec: ModelSpec, profile: HardwareProfile,
                   predictor: str | None = None, fit: RouterTrace | None = None, in_sample: bool = False,
                   slots_per_layer: int | None = None, cache_slots: int | None = None, batch: int = 1,
                   steps: int | None = None, repeat: bool = False, context: int = 2048, overlap: bool = True,
-                  cpu_fallback: bool = False, prefetch: str = "budget", progress: bool = False) -> dict[str, Any]:
+                  cpu_fallback: bool = False, prefetch: str = "budget", expert_dtype: str | None = None,
+                  progress: bool = False) -> dict[str, Any]:
     """``prophet-bench replay``: each policy on the held-out routing (``predictor`` prefetching for every
     policy), beside the bounds; the record names the sample and how often it was played.
 
@@ -124,7 +125,8 @@ def replay_record(trace: RouterTrace, spec: ModelSpec, profile: HardwareProfile,
     cap = {"slots_per_layer": slots_per_layer, "cache_slots": cache_slots}
     results = replay_policies(sample, spec, profile, policies, predictor, sched, everywhere=True, progress=progress,
                               batch=batch, context=context, overlap=overlap, cpu_fallback=cpu_fallback,
-                              prefetch=configs[prefetch], **cap)
-    limits = bounds(spec, profile, batch, trace=sample.replay, context=context, sched=sched, **cap)
+                              prefetch=configs[prefetch], expert_dtype=expert_dtype, **cap)
+    limits = bounds(spec, profile, batch, trace=sample.replay, context=context, sched=sched, expert_dtype=expert_dtype,
+                    **cap)
     return {"results": results, "bounds": limits, "hardware": profile.to_dict(),
             "sample": {**sample.to_dict(), "steps": note, "trace": trace.name}}

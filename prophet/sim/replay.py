@@ -238,6 +238,7 @@ def replay(
     steps: int | None = None,
     context: int = 2048,
     dtype: torch.dtype = torch.bfloat16,
+    expert_dtype: str | None = None,
     overlap: bool = True,
     cpu_fallback: bool = False,
     prefetch: PrefetchConfig | None = None,
@@ -253,6 +254,7 @@ def replay(
     on the host CPU while the GPU runs the resident ones, and admits them into the cache with background
     copies. ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch`` and ``steps``).
     ``label`` names the progress bar (default: the policy), so it matches the caller's row name.
+    ``expert_dtype`` stores the experts quantized (`CostModel`): copies and reads move that format's bytes.
     """
     wall = time.perf_counter()
     trace = as_router_trace(trace)
@@ -278,7 +280,7 @@ def replay(
     if cpu_fallback and policy_name == "belady":
         raise ConfigError("belady needs every expert to pass through the cache; it cannot run with cpu_fallback")
 
-    cost = CostModel(spec, profile, dtype, context)
+    cost = CostModel(spec, profile, dtype, context, expert_dtype)
     engine = SimCopyEngine(profile, cost.expert_bytes, overlap=overlap)
     store = HostStore(L, E, _TINY, torch.float32, pin=False)
     cache = ExpertCache(
