@@ -304,8 +304,9 @@ def fig_h_quant() -> None:
     for p in sim["points"]:
         speed.annotate(p["expert_dtype"], (p["bits_per_param"], p["results"][0]["tokens_per_s"]), fontsize=7,
                        textcoords="offset points", xytext=(3, -9))
-    speed.set(title="Mixtral-8x7B on rtx-4090, 32K context", xlabel="bits per expert parameter (scales included)",
+    speed.set(title="Mixtral-8x7B on RTX 4090, 32K context", xlabel="bits per expert parameter (scales included)",
               ylabel="decode tokens/s (simulated)", yscale="log")
+    _plain_log_axis(speed)
     rows = quality["formats"]
     error.scatter([r["bits_per_param"] for r in rows], [100 * r["perplexity_change"] for r in rows], marker="o")
     for r in rows:
@@ -318,8 +319,9 @@ def fig_h_quant() -> None:
     speed.legend(fontsize=7)
     _save(fig, "h_quant",
           "(h) Quantized experts. Left: simulated decode of Mixtral-8x7B on the RTX 4090 profile at 32K context "
-          "(shared trace, batch 1) with expert slots planned at each format's bytes; LRU is copy-only, prophet "
-          "prefetches within the link budget; int3/int2 are modelled bytes only. Right: perplexity change on "
+          "(shared trace, batch 1, every policy on its second sequence) with expert slots planned at each format's "
+          "bytes; LRU is copy-only, prophet prefetches within the link budget, fitted on the first sequence (out of "
+          "sample); int3/int2 are modelled bytes only. Right: perplexity change on "
           "held-out plays of the trained tiny MoE when its experts are quantized at wrap, against the bf16 model "
           "(the bf16 point is the wrapped model computing its experts in fp32).")
 

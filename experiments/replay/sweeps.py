@@ -259,20 +259,18 @@ QUANT_TARGET = 3.0  # issue 18: int4 experts >= 3x the bf16 copy-only speed, Mix
 def quant() -> Path:
     from prophet.formats import expert_nbytes, weight_format
 
-    spec, trace, gpu, ctx = get_spec("mixtral-8x7b"), _trace(MIXTRAL_TRACE), "rtx-4090", 32 << 10
-    sched = schedule(trace)
+    trace, gpu, ctx = _trace(MIXTRAL_TRACE), "rtx-4090", 32 << 10
+    spec, sample = _mixtral(trace), split_sample(trace)
+    sched = schedule(sample.replay)
     total = spec.num_moe_layers * spec.num_experts
     points = []
     for name in tqdm(["bf16", "fp8", "int8", "mxfp4", "int4", "int3", "int2"], desc="quant"):
         fmt = None if name == "bf16" else name
         memory = plan(spec, gpu, ctx, expert_dtype=fmt)
         slots = min(memory.expert_slots, total)
-        b = bounds(spec, gpu, 1, trace=trace, cache_slots=slots, context=ctx, sched=sched, expert_dtype=fmt)
-        results = [
-            {**replay(trace, spec, gpu, cache_slots=slots, context=ctx, sched=sched, expert_dtype=fmt, progress=False,
-                      **_policy(p)).to_dict(), "policy": p}
-            for p in ("lru", "prophet")
-        ]
+        b = bounds(spec, gpu, 1, trace=sample.replay, cache_slots=slots, context=ctx, sched=sched, expert_dtype=fmt)
+        results = _rows(sample, spec, gpu, ("lru", "prophet"), cache_slots=slots, context=ctx, sched=sched,
+                        expert_dtype=fmt)
         one = expert_nbytes(spec.expert_format, weight_format(name))
         points.append({"expert_dtype": name, "expert_mib": one / 2**20, "bits_per_param": 8 * one / spec.expert_params,
                        "cache_slots": slots, "slots_gib": slots * one / 2**30, "bounds": b, "results": results})
@@ -283,7 +281,7 @@ def quant() -> Path:
     path = _write("sim_quant", {
         "what": f"Mixtral-8x7B on {gpu} at {ctx} tokens, batch 1: expert formats (bytes per expert incl. scales) "
                 "vs plan slots and tokens/s; copy-only = on-demand LRU",
-        "trace": MIXTRAL_TRACE, "target": {"int4_lru_vs_bf16_lru": QUANT_TARGET, "measured": int4,
+        "trace": trace.name, "sample": sample.to_dict(), "target": {"int4_lru_vs_bf16_lru": QUANT_TARGET, "measured": int4,
                                             "met": int4 >= QUANT_TARGET},
         "gpu": get_profile(gpu).to_dict(), "points": points,
     })
