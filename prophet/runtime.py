@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from prophet.cache import ExpertCache, LayerStats
-from prophet.kernels.moe import moe_experts_reference, moe_experts_triton, resolve_backend
+from prophet.kernels.moe import Quant, moe_experts_reference, moe_experts_triton, resolve_backend
 from prophet.models.adapter import ExpertFormat, MoELayer
 from prophet.predict.base import Predictor
 from prophet.prefetch import Prefetcher
@@ -27,6 +27,7 @@ from prophet.store import HostStore
 
 if TYPE_CHECKING:
     from prophet.plan import Plan
+    from prophet.sources import ExpertSource
 
 
 class HostIds:
@@ -113,6 +114,7 @@ class Runtime:
         self.num_experts = store.num_experts
         self.expert_shapes: list[dict[str, torch.Size]] = []  # original parameter shapes, for unwrap
         self.plan: Plan | None = None  # the memory plan, when wrap was given max_context
+        self.source: ExpertSource | None = None  # where already-quantized experts came from (unwrap writes back)
         self.kv_cache: Any = None  # the transformers cache that plan sized, to pass to generate()
         self._last_layer: tuple[int, float, bool] | None = None  # (layer, start time, waited for no copy)
         self._resident: list[torch.Tensor] | None = None  # per layer [E] expert -> slot, when all are resident
@@ -217,7 +219,10 @@ class Runtime:
 
     def _experts(self, layer: int, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         views = self.cache.views(layer)
-        return self._kernel(hidden, slot_ids, weights, views["w1"], views["w2"], self.fmt, views.get("b1"), views.get("b2"))
+        wf = self.store.weights  # quantized slots carry their scales: the kernels dequantize from the slot bytes
+        quant = Quant(wf, views["w1_scale"], views["w2_scale"]) if wf.quantized else None
+        return self._kernel(hidden, slot_ids, weights, views["w1"], views["w2"], self.fmt, views.get("b1"),
+                            views.get("b2"), quant)
 
     def stats(self) -> RuntimeStats:
         layers = [LayerStats(**asdict(s)) for s in self.cache.stats]

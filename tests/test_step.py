@@ -214,7 +214,7 @@ def counting_syncs(device: str = "cpu") -> Iterator[list[str]]:
             setattr(owner, name, real)
 
 
-def dense_experts(hidden, slot_ids, weights, w1, w2, fmt, b1=None, b2=None):
+def dense_experts(hidden, slot_ids, weights, w1, w2, fmt, b1=None, b2=None, quant=None):
     """Sync-free expert math (a gather of each pair's weights): keeps the kernel's own syncs out of the count."""
     h = torch.einsum("th,tknh->tkn", hidden.float(), w1[slot_ids].float())  # [T, k, 2I]
     gate, up = h[..., : fmt.intermediate_size], h[..., fmt.intermediate_size :]

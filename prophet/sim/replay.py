@@ -33,7 +33,7 @@ from prophet.policies import POLICY_FACTORIES, Belady, EvictionPolicy, Key, Pred
 from prophet.predict.base import Prediction
 from prophet.predict.data import RouterTrace, as_router_trace
 from prophet.prefetch import Prefetcher
-from prophet.sim.cost import CostModel, expected_distinct
+from prophet.sim.cost import CostModel
 from prophet.sim.engine import SimCopyEngine
 from prophet.step import Step
 from prophet.store import HostStore
@@ -161,7 +161,7 @@ def policy_args(name: str, predictor: str | None = None) -> tuple[str, str | Non
 
 def make_predictor(name: str, trace: RouterTrace, sched: Schedule) -> Any:
     """A predictor by name: ``oracle`` (perfect, from the schedule) or a `prophet.predict` predictor's ``name``,
-    fitted on ``trace`` itself (optimistic: the same trace it is replayed on). ``a+b`` builds an ensemble."""
+    fitted on ``trace`` (pass routing other than the replayed one: `prophet.sim.samples`). ``a+b`` builds an ensemble."""
     if name == "oracle":
         return ScheduleOracle(sched)
     from prophet.predict import ensemble, pathmatch, statistical
@@ -275,12 +275,14 @@ def replay(
     prompt: int = 1,
     context: int = 2048,
     dtype: torch.dtype = torch.bfloat16,
+    expert_dtype: str | None = None,
     overlap: bool = True,
     cpu_fallback: bool = False,
     prefetch: PrefetchConfig | None = None,
     sched: Schedule | None = None,
     sequences: bool = True,
     progress: bool = True,
+    label: str | None = None,
 ) -> ReplayResult:
     """Replay ``trace`` (a `prophet.trace.Trace` or `RouterTrace`) as ``spec`` on ``profile``.
 
@@ -291,6 +293,8 @@ def replay(
     copies. ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch``, ``steps`` and
     ``prompt``). ``sequences``: reset the predictor where a trace sequence starts (batch 1); else only before the
     first step, as the runtime does for one generation over these rows.
+    ``label`` names the progress bar (default: the policy), so it matches the caller's row name.
+    ``expert_dtype`` stores the experts quantized (`CostModel`): copies and reads move that format's bytes.
     """
     trace = as_router_trace(trace)
     spec = get_spec(spec) if isinstance(spec, str) else spec
@@ -302,10 +306,10 @@ def replay(
             "replay a trace of that model"
         )
     sched = sched or schedule(trace, batch, steps, prompt)
-    cost = CostModel(spec, profile, dtype, context)
+    cost = CostModel(spec, profile, dtype, context, expert_dtype)
     return _drive(trace, sched, policy, predictor, SimCopyEngine(profile, cost.expert_bytes, overlap=overlap), cost,
                   slots_per_layer=slots_per_layer, cache_slots=cache_slots, prefetch=prefetch,
-                  cpu_fallback=cpu_fallback, sequences=sequences, progress=progress,
+                  cpu_fallback=cpu_fallback, sequences=sequences, progress=progress, label=label,
                   meta={"model": spec.name, "gpu": profile.name, "context": context, "overlap": overlap})
 
 
@@ -335,7 +339,7 @@ def replay_counts(
     engine = SimCopyEngine(None, expert_bytes or 1)
     r = _drive(trace, sched, policy, predictor, engine, None, slots_per_layer=slots_per_layer,
                cache_slots=cache_slots, prefetch=prefetch or PrefetchConfig(enabled=False), cpu_fallback=False,
-               sequences=sequences, progress=progress,
+               sequences=sequences, progress=progress, label=name,
                meta={"model": trace.name, "gpu": "free copies", "context": 0, "overlap": True})
     if name is not None:
         r.policy = name
@@ -357,6 +361,7 @@ def _drive(
     sequences: bool,
     progress: bool,
     meta: dict[str, Any],
+    label: str | None = None,
 ) -> ReplayResult:
     """Run every step of ``sched`` through `prophet.step.Step` over a fresh cache on ``engine``; ``cost``
     (None: free) moves the clock by each layer's modelled compute."""
@@ -384,7 +389,7 @@ def _drive(
     # GPU time of a layer step by (distinct experts, tokens), computed once per pair
     layer_seconds = functools.lru_cache(maxsize=None)(cost.layer_seconds if cost is not None else lambda n, t: 0.0)
 
-    for s in tqdm(range(S), desc=f"replay {policy_name}", disable=not progress, leave=False):
+    for s in tqdm(range(S), desc=f"replay {label or policy_name}", disable=not progress, leave=False):
         rows = sched.tokens(s)  # [T]
         tokens = len(rows)
         if seq_start[rows[0]] if resets else s == 0:
@@ -472,53 +477,3 @@ def _drive(
         wall_s=time.perf_counter() - wall,
         per_layer_hit_rate=[round(st.hit_rate, 4) for st in cache.stats],
     )
-
-
-def bounds(
-    spec: ModelSpec | str,
-    profile: HardwareProfile | str,
-    batch: int = 1,
-    *,
-    trace: Any = None,
-    slots_per_layer: int | None = None,
-    cache_slots: int | None = None,
-    steps: int | None = None,
-    context: int = 2048,
-    dtype: torch.dtype = torch.bfloat16,
-    sched: Schedule | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Speed limits beside every result, in tokens/s.
-
-    all_resident: every expert on the GPU (compute only; ``fits`` says whether it would fit in HBM with the KV).
-    all_miss: every distinct expert of every step copied, nothing overlapped (compute + link time).
-    oracle: Belady eviction + perfect prefetch of the next token's experts at the same bandwidth and capacity
-    (needs ``trace`` and a capacity). Distinct experts per layer come from ``trace`` when given, else from
-    uniform routing (`expected_distinct`).
-    """
-    spec = get_spec(spec) if isinstance(spec, str) else spec
-    profile = get_profile(profile)
-    cost = CostModel(spec, profile, dtype, context)
-    if trace is not None:
-        trace = as_router_trace(trace)
-        sched = sched or schedule(trace, batch, steps)
-        distinct = float(sched.distinct().mean())
-    else:
-        distinct = expected_distinct(spec.num_experts, spec.top_k, batch)
-    compute = cost.token_seconds(distinct, batch)
-    link = spec.num_moe_layers * distinct * cost.copy_seconds()
-    needed = spec.non_expert_bytes(dtype) + spec.all_expert_bytes(dtype) + spec.kv_bytes(context, dtype, batch)
-    out: dict[str, Any] = {
-        "all_resident": {"tokens_per_s": batch / compute, "step_s": compute, "fits": bool(needed <= profile.hbm_bytes)},
-        "all_miss": {"tokens_per_s": batch / (compute + link), "step_s": compute + link},
-        "distinct_per_layer": distinct,
-        "copy_ms_per_expert": cost.copy_seconds() * 1e3,
-    }
-    if trace is not None and (slots_per_layer or cache_slots):
-        r = replay(
-            trace, spec, profile, policy="belady", predictor="oracle", slots_per_layer=slots_per_layer,
-            cache_slots=cache_slots, batch=batch, context=context, dtype=dtype, sched=sched, progress=progress,
-        )
-        out["oracle"] = {"tokens_per_s": r.tokens_per_s, "step_s": r.step_s, "hit_rate": r.hit_rate,
-                         "stall_s": r.stall_s, "policy": "belady", "predictor": "oracle"}
-    return out
