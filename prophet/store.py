@@ -99,12 +99,8 @@ class HostStore:
         return slab_views(self.slab(layer, expert), self.fmt)
 
     @classmethod
-    def from_layers(cls, layers: Sequence[MoELayer], pin: bool, free_source: bool = False) -> HostStore:
-        """Copy the experts of ``layers`` out of their modules, layer by layer.
-
-        With ``free_source`` each layer's expert parameters are emptied as soon as they are copied, so host
-        memory holds at most one layer's experts twice.
-        """
+    def for_layers(cls, layers: Sequence[MoELayer], pin: bool) -> HostStore:
+        """An empty store shaped for ``layers`` (nothing allocated yet); refuses layers whose experts differ."""
         fmt = layers[0].fmt
         num_experts = layers[0].num_experts
         for layer in layers:
@@ -113,13 +109,25 @@ class HostStore:
                     f"{layer.name}: experts differ from the first MoE layer ({layer.fmt}, {layer.num_experts} experts "
                     f"vs {fmt}, {num_experts}); Prophet needs every MoE layer to have the same expert shape"
                 )
-        dtype = layers[0].expert_parameters()[0].dtype
-        store = cls(len(layers), num_experts, fmt, dtype, pin)
+        return cls(len(layers), num_experts, fmt, layers[0].expert_parameters()[0].dtype, pin)
+
+    def fill(self, layers: Sequence[MoELayer], free_source: bool = False) -> None:
+        """Copy the experts of ``layers`` out of their modules, layer by layer.
+
+        With ``free_source`` each layer's expert parameters are emptied as soon as they are copied, so host
+        memory holds at most one layer's experts twice.
+        """
         with torch.no_grad():
             for li, layer in enumerate(layers):
-                for e in range(num_experts):
-                    store.write(li, e, layer.get_expert(e))
+                for e in range(self.num_experts):
+                    self.write(li, e, layer.get_expert(e))
                 if free_source:
                     for p in layer.expert_parameters():
                         p.data = torch.empty(0, dtype=p.dtype)
+
+    @classmethod
+    def from_layers(cls, layers: Sequence[MoELayer], pin: bool, free_source: bool = False) -> HostStore:
+        """A store filled from ``layers`` (see `fill`)."""
+        store = cls.for_layers(layers, pin)
+        store.fill(layers, free_source)
         return store

@@ -30,7 +30,7 @@ from prophet.layer import OffloadedExperts
 from prophet.models.adapter import Adapter, MoELayer, moe_layers
 from prophet.plan import Plan, model_sizes, plan, resolve_gpu
 from prophet.policies import EvictionPolicy, make_policy
-from prophet.predict.base import Predictor
+from prophet.predict.base import Predictor, check_predictor
 from prophet.prefetch import Prefetcher
 from prophet.runtime import Runtime, RuntimeStats
 from prophet.store import HostStore
@@ -63,10 +63,37 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def _cache_config(config: ProphetConfig | None, policy: str, **options: Any) -> ProphetConfig:
     given = {k: v for k, v in options.items() if v is not None}
     if config is not None:
-        if given:
-            raise ConfigError(f"pass either config= or {sorted(given)}, not both")
+        if not isinstance(config, ProphetConfig):
+            raise ConfigError(f"config={type(config).__name__}: pass a prophet.config.ProphetConfig")
+        if given or policy != "lru":
+            raise ConfigError(f"pass either config= or {sorted(given) or ['policy']}, not both")
         return config
     return ProphetConfig(cache=CacheConfig(policy=policy, **given))
+
+
+def policy_factory(policy: str | Callable[[], EvictionPolicy]) -> Callable[[], EvictionPolicy]:
+    """A factory of fresh eviction policies (one per slot pool), checked now by making one."""
+    if isinstance(policy, str):
+        if policy == "prophet":
+            raise ConfigError("policy='prophet' is prediction-aware eviction: pass predictor=P and "
+                              "policy=P.policy_factory() with a fitted prophet.predict predictor P")
+        if policy == "belady":
+            raise ConfigError("policy='belady' needs the future routing, which only trace replay has (prophet.sim); "
+                              "use 'lru', 'lfu' or 'fifo'")
+        make_policy(policy)
+        return lambda: make_policy(policy)
+    if isinstance(policy, EvictionPolicy) or not callable(policy):
+        raise ConfigError(f"policy={policy!r}: give a policy name ('lru', 'lfu', 'fifo') or a callable that returns "
+                          "a fresh EvictionPolicy for each slot pool (e.g. predictor.policy_factory())")
+    try:
+        sample = policy()
+    except Exception as exc:
+        raise ConfigError(f"policy factory {policy!r} failed when called ({exc!r}); it must take no arguments and "
+                          "return a fresh EvictionPolicy") from exc
+    if not isinstance(sample, EvictionPolicy):
+        raise ConfigError(f"policy factory {policy!r} returned {type(sample).__name__}, not an EvictionPolicy; "
+                          "return an instance of a prophet.policies policy")
+    return policy
 
 
 def allocate_kv_cache(model: nn.Module, dev: torch.device, max_context: int, batch: int, dtype: torch.dtype,
@@ -128,6 +155,8 @@ def wrap(
     """
     if hasattr(model, _ATTR):
         raise AlreadyWrappedError("this model is already wrapped by Prophet; call prophet.unwrap(model) first")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"wrap takes a torch.nn.Module (a transformers MoE model), not {type(model).__name__}")
     dev = resolve_device(device)
     layers = moe_layers(model, adapter)
     params = [p for layer in layers for p in layer.expert_parameters()]
@@ -138,22 +167,48 @@ def wrap(
     if any(p.is_meta for p in params):
         raise ConfigError("expert weights are on the meta device (no data); load real weights or use prophet.load(checkpoint_dir)")
     memory_plan = kv_cache = None
+    if max_context is None and (batch != 1 or gpu is not None):
+        raise ConfigError(f"batch={batch!r} and gpu={gpu!r} size the memory plan: give max_context too, or drop them")
     if max_context is not None:
         sizes = {"cache_slots": cache_slots, "slots_per_layer": slots_per_layer, "cache_bytes": cache_bytes}
         if config is not None or any(v is not None for v in sizes.values()):
             raise ConfigError("max_context sizes the cache itself; drop config=, cache_slots, slots_per_layer and cache_bytes")
+        for name, value in (("max_context", max_context), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}={value!r}: give a whole number of tokens/sequences (at least 1)")
         memory_plan = _plan_for(model, layers, dtype, dev, max_context, batch, gpu)
         cache_slots = memory_plan.expert_slots
-        kv_cache = allocate_kv_cache(model, dev, max_context, batch, dtype)
     cfg = _cache_config(
         config, policy if isinstance(policy, str) else "lru",
         cache_slots=cache_slots, slots_per_layer=slots_per_layer, cache_bytes=cache_bytes,
     )
-    policy_factory = policy if callable(policy) else (lambda: make_policy(cfg.cache.policy))
+    factory = policy_factory(cfg.cache.policy if isinstance(policy, str) else policy)
+    if predictor is not None:
+        check_predictor(predictor, len(layers), layers[0].num_experts, layers[0].top_k)
+    cache_slots, slots_per_layer = _slot_counts(cfg.cache, layers, dtype)
+    if memory_plan is not None:
+        try:
+            kv_cache = allocate_kv_cache(model, dev, max_context, batch, dtype)
+        except torch.OutOfMemoryError as exc:
+            raise CapacityError(f"the KV cache for max_context={max_context}, batch={batch} does not fit on {dev}; "
+                                "lower max_context or batch") from exc
 
-    pin = dev.type == "cuda" and cfg.pin_memory
+    def make_runtime(store: HostStore) -> Runtime:  # after the store is filled: slots never add to its peak
+        cache = _new_cache(store, dev, factory, cache_slots, slots_per_layer)
+        runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
+        runtime.plan = memory_plan
+        runtime.kv_cache = kv_cache
+        return runtime
+
+    # Everything is checked; from here a failure puts the model back as it was (`_build`).
+    store = HostStore.for_layers(layers, pin=dev.type == "cuda" and cfg.pin_memory)
+    setattr(model, _ATTR, _build(model, layers, store, make_runtime))
+    return model
+
+
+def _slot_counts(cache_cfg: CacheConfig, layers: list[MoELayer], dtype: torch.dtype) -> tuple[int | None, int | None]:
+    """``(cache_slots, slots_per_layer)`` from the config, capped at the number of experts."""
     slab_bytes = layers[0].fmt.nbytes(dtype)
-    cache_cfg = cfg.cache
     cache_slots, slots_per_layer = cache_cfg.cache_slots, cache_cfg.slots_per_layer
     if cache_cfg.cache_bytes is not None:
         cache_slots = cache_cfg.cache_bytes // slab_bytes
@@ -169,21 +224,67 @@ def wrap(
         cache_slots = min(cache_slots, len(layers) * num_experts)
     if slots_per_layer is not None:
         slots_per_layer = min(slots_per_layer, num_experts)
+    return cache_slots, slots_per_layer
 
+
+def _build(model: nn.Module, layers: list[MoELayer], store: HostStore, make_runtime: Callable[[HostStore], Runtime]
+           ) -> Runtime:
+    """Move the experts into ``store``, make the runtime (cache slots), swap in `OffloadedExperts`, move the
+    model to the device and load the cache.
+
+    All or nothing: if anything fails (out of memory, an interrupt), the original experts modules come back
+    with their exact parameters on their original devices, and the error is raised again."""
     shapes = [{name: p.shape for name, p in layer.experts.named_parameters()} for layer in layers]
-    store = HostStore.from_layers(layers, pin=pin, free_source=True)  # the store holds the only copy now
+    placement = _placement(model)
+    try:
+        store.fill(layers, free_source=True)  # the store holds the only copy now
+        runtime = make_runtime(store)
+        runtime.expert_shapes = shapes
+        for layer in layers:
+            setattr(layer.parent, layer.attr, OffloadedExperts(layer, runtime))
+        model.to(runtime.device)
+        runtime.settle()
+    except BaseException as exc:
+        _rollback(layers, shapes, store, placement)
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise CapacityError(f"wrapping ran out of memory ({str(exc).splitlines()[0]}); the model is unchanged: "
+                                "give fewer cache_slots/slots_per_layer or a smaller cache_bytes, or free memory") from exc
+        raise
+    return runtime
 
-    cache = _new_cache(store, dev, policy_factory, cache_slots, slots_per_layer)
-    runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
-    runtime.expert_shapes = shapes
-    runtime.plan = memory_plan
-    runtime.kv_cache = kv_cache
-    for layer in layers:
-        setattr(layer.parent, layer.attr, OffloadedExperts(layer, runtime))
-    model.to(dev)
-    runtime.settle()
-    setattr(model, _ATTR, runtime)
-    return model
+
+def _placement(model: nn.Module) -> list[tuple[nn.Module, str, bool, torch.device]]:
+    """Where every parameter and buffer of ``model`` lives: ``(module, name, is_parameter, device)``."""
+    out = []
+    for module in model.modules():
+        out += [(module, name, True, p.device) for name, p in module._parameters.items() if p is not None]
+        out += [(module, name, False, b.device) for name, b in module._buffers.items() if b is not None]
+    return out
+
+
+def _rollback(layers: list[MoELayer], shapes: list[dict[str, torch.Size]], store: HostStore,
+              placement: list[tuple[nn.Module, str, bool, torch.device]]) -> None:
+    """Undo a partial `_build`: experts modules swapped back, emptied parameters refilled from the store, and
+    every tensor moved back to where it was (copies between devices are exact)."""
+    with torch.no_grad():
+        for li, (layer, shape) in enumerate(zip(layers, shapes, strict=True)):
+            setattr(layer.parent, layer.attr, layer.experts)
+            params = dict(layer.experts.named_parameters())
+            if all(p.numel() == shape[name].numel() for name, p in params.items()):
+                continue  # never emptied
+            for name, p in params.items():
+                p.data = torch.empty(shape[name], dtype=p.dtype)
+            for e in range(layer.num_experts):
+                layer.set_expert(e, store.read(li, e))
+        for module, name, is_param, dev in placement:
+            table = module._parameters if is_param else module._buffers
+            tensor = table[name]
+            if tensor.device != dev:
+                if is_param:
+                    tensor.data = tensor.data.to(dev)
+                else:
+                    table[name] = tensor.to(dev)
+    store.close()
 
 
 def _new_cache(store: HostStore, dev: torch.device, policy: Callable[[], EvictionPolicy],
@@ -213,7 +314,9 @@ def reconfigure(
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)  # no copy into the old pool may still be running when it is freed
     store, total = runtime.store, runtime.store.num_layers * runtime.store.num_experts
-    factory = policy if callable(policy) else (lambda: make_policy(policy))
+    factory = policy_factory(policy)
+    if predictor is not None:
+        check_predictor(predictor, store.num_layers, store.num_experts, runtime.layers[0].top_k)
     old_config = runtime.prefetcher.config
     runtime.cache = runtime.prefetcher = None  # drop every reference to the old pool before the new one is allocated
     try:
