@@ -157,6 +157,9 @@ def wrap(
         raise AlreadyWrappedError("this model is already wrapped by Prophet; call prophet.unwrap(model) first")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"wrap takes a torch.nn.Module (a transformers MoE model), not {type(model).__name__}")
+    if adapter is not None and not isinstance(adapter, Adapter):
+        raise ConfigError(f"adapter={adapter!r}: pass a prophet.models adapter object (e.g. GenericAdapter(...)), "
+                          "or leave it out to pick one from config.model_type")
     dev = resolve_device(device)
     layers = moe_layers(model, adapter)
     params = [p for layer in layers for p in layer.expert_parameters()]
@@ -309,8 +312,9 @@ def reconfigure(
     runtime = runtime_of(model)
     if (cache_slots is None) == (slots_per_layer is None):
         raise ConfigError("reconfigure needs exactly one of cache_slots (a shared pool) or slots_per_layer")
-    if (cache_slots or slots_per_layer or 0) < 1:
-        raise CapacityError(f"reconfigure: {cache_slots or slots_per_layer} slots cannot run any expert; give at least 1")
+    CacheConfig(cache_slots=cache_slots, slots_per_layer=slots_per_layer)  # positive whole numbers
+    if prefetch is not None and not isinstance(prefetch, PrefetchConfig):
+        raise ConfigError(f"prefetch={prefetch!r}: pass a prophet.config.PrefetchConfig")
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)  # no copy into the old pool may still be running when it is freed
     store, total = runtime.store, runtime.store.num_layers * runtime.store.num_experts
