@@ -474,8 +474,10 @@ def _entry_file(path: Path, name: str, entry: object) -> Path:
         raise TraceError(f"{where}: array {name!r} needs an entry with 'file', 'dtype' and 'shape' (got {entry!r}); "
                          "the header is damaged: record or save the trace again")
     file = entry["file"]
-    fp = path / str(file)
-    if not isinstance(file, str) or Path(file).is_absolute() or fp.resolve().parent != path.resolve():
+    if not isinstance(file, str):
+        raise TraceError(f"{where}: array {name!r} has file={file!r}; it must be a file name such as {name}.npy")
+    fp = path / file
+    if Path(file).is_absolute() or fp.resolve().parent != path.resolve():
         raise TraceError(f"{where}: array {name!r} points at {file!r}, outside the trace directory; a header may only "
                          "name files inside its own directory (e.g. experts.npy)")
     return fp
