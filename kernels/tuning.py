@@ -3,7 +3,8 @@
 A file ``configs/moe_H{H}_I{I}_{dtype}_{device}_triton-{version}.json`` (written by
 ``experiments/gpu/tune_grouped_gemm.py``) maps a bucket of T*k (token, expert) pairs to one `MoEConfig`;
 a call takes the smallest bucket at or above its own pair count. ``PROPHET_KERNEL_CONFIGS`` names an extra folder that
-is searched first. Without a file the heuristic `default_config` is used and the fallback is logged once.
+is searched first. A file tuned under another Triton version still applies (the closest version, logged); without
+any file for the shape the heuristic `default_config` is used and a warning says so, once per shape.
 No Triton is needed here.
 """
 
@@ -116,28 +117,54 @@ def config_file_name(hidden_size: int, intermediate_size: int, dtype: torch.dtyp
     return f"moe_H{hidden_size}_I{intermediate_size}_{dtype_name}_{device}_triton-{version}.json"
 
 
+def _version_key(version: str) -> tuple[int, ...]:
+    """``"3.6.0"`` -> ``(3, 6, 0)``; local or pre-release suffixes ("3.7.0+git1a2b") are ignored."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _closest_version(available: list[str], version: str) -> str:
+    """The tuned Triton version to use under ``version``: itself, else the newest older one (settings rarely
+    regress across releases), else the oldest newer one."""
+    if version in available:
+        return version
+    want = _version_key(version)
+    older = [v for v in available if _version_key(v) <= want]
+    if older:
+        return max(older, key=_version_key)
+    return min(available, key=_version_key)
+
+
 @functools.cache
 def load_configs(
     hidden_size: int, intermediate_size: int, dtype: torch.dtype, device: str, version: str
 ) -> dict[int, MoEConfig]:
-    """The tuned table {pairs bucket: config} for this key, or {} (logged once) when no file has it."""
-    name = config_file_name(hidden_size, intermediate_size, dtype, device, version)
+    """The tuned table {pairs bucket: config} for this shape, dtype and device, or {} (warned once) when no file
+    has it. Files tuned under another Triton version still apply: the closest version wins (`_closest_version`)
+    and the substitution is logged."""
+    pattern = config_file_name(hidden_size, intermediate_size, dtype, device, "*")
     extra = envs.kernel_config_dir()
     folders = ([Path(extra)] if extra else []) + [CONFIG_DIR]
     for folder in folders:
-        path = folder / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            if data.get("format_version") != FORMAT_VERSION:
-                raise ConfigError(
-                    f"{path}: format_version={data.get('format_version')!r}, expected {FORMAT_VERSION}; "
-                    "re-run experiments/gpu/tune_grouped_gemm.py to regenerate it"
-                )
-            return {int(bucket): MoEConfig.from_dict(cfg) for bucket, cfg in data["configs"].items()}
-    logger.info(
-        "no tuned MoE launch settings %s in %s; using the default: 64x64 tiles, decode path up to 32 pairs, "
-        "else prefill with 16-row (<= 256 pairs) or 64-row groups. Tune with experiments/gpu/tune_grouped_gemm.py",
-        name,
+        found = {path.name.removesuffix(".json").rsplit("_triton-", 1)[1]: path for path in folder.glob(pattern)}
+        if not found:
+            continue
+        chosen = _closest_version(list(found), version)
+        path = found[chosen]
+        if chosen != version:
+            logger.info("tuned MoE launch settings %s were tuned under Triton %s; using them under %s",
+                        path.name, chosen, version)
+        data = json.loads(path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(
+                f"{path}: format_version={data.get('format_version')!r}, expected {FORMAT_VERSION}; "
+                "re-run experiments/gpu/tune_grouped_gemm.py to regenerate it"
+            )
+        return {int(bucket): MoEConfig.from_dict(cfg) for bucket, cfg in data["configs"].items()}
+    logger.warning(
+        "no tuned MoE launch settings for H=%d I=%d %s on %s (any Triton version) in %s; using the default: 64x64 "
+        "tiles, decode path up to 32 pairs, else prefill with 16-row (<= 256 pairs) or 64-row groups. Tune this "
+        "shape with experiments/gpu/tune_grouped_gemm.py",
+        hidden_size, intermediate_size, str(dtype).removeprefix("torch."), device,
         ", ".join(str(f) for f in folders),
     )
     return {}

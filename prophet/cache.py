@@ -27,6 +27,7 @@ class LayerStats:
     prefetch_hits: int = 0  # hits on a slot that a prefetch filled and no step had used yet
     prefetches: int = 0  # prefetch copies issued
     wasted_prefetches: int = 0  # prefetched slots evicted before any step used them
+    held_back: int = 0  # predictions for this layer below the prefetch threshold (link budget or min_score)
     evictions: int = 0
     bytes_h2d: int = 0
     waves: int = 0  # extra passes needed because a step wanted more experts than the pool holds

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from prophet.compat import decode_kwargs
 from prophet.config import PrefetchConfig
 from prophet.errors import ConfigError
 from prophet.models.adapter import MoELayer
@@ -126,8 +127,7 @@ def decode(model: nn.Module, routing: ForcedRouting | None, *, batch: int, promp
     def step(tokens: torch.Tensor, pos: int) -> torch.Tensor:
         if routing is not None:
             routing.begin(tokens.shape[1])
-        position = torch.arange(pos, pos + tokens.shape[1], device=device)
-        logits = model(input_ids=tokens, past_key_values=kv, cache_position=position, use_cache=True).logits
+        logits = model(input_ids=tokens, **decode_kwargs(model, kv, pos, tokens.shape[1])).logits
         return logits[:, -1:].argmax(-1)  # [B, 1]
 
     def sync() -> None:
@@ -172,7 +172,9 @@ def decode(model: nn.Module, routing: ForcedRouting | None, *, batch: int, promp
             h2d_gb_per_token=delta["bytes_h2d"] / (batch * steps) / 1e9,
             stall_ms_per_step=delta["stall_seconds"] / steps * 1e3,
             prefetches=int(delta["prefetches"]),
+            prefetch_hits=int(delta["prefetch_hits"]),
             wasted_prefetches=int(delta["wasted_prefetches"]),
+            held_back=int(delta["held_back"]),
         )
     return out
 

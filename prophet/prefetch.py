@@ -34,6 +34,7 @@ class Prefetcher:
         costs = self.costs()  # once per step: reading measured copy times queries the device
         for p in predictions:
             if p.score < self._threshold(p.layer - current_layer, costs):
+                self.cache.stats[p.layer % self.num_layers].held_back += 1
                 continue
             key = (p.layer, p.expert)
             if key not in best or best[key].score < p.score:

@@ -9,6 +9,10 @@ import torch
 
 from prophet.envs import shared_traces_dir
 
+# The tests' tensors are tiny: one thread runs them fastest, and on a shared 2-core machine torch's default of a
+# thread per core oversubscribed the cores and made tiny-model tests up to 30x slower.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

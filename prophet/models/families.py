@@ -270,12 +270,14 @@ class GenericAdapter(Adapter):
 
 
 class GptOssAdapter(GenericAdapter):
-    """gpt-oss: clamped SwiGLU ``(clamp(up)+1) * g*sigmoid(alpha*g)`` with alpha/limit from the config."""
+    """gpt-oss: clamped SwiGLU ``(clamp(up)+1) * g*sigmoid(alpha*g)`` with alpha/limit from the config.
+
+    transformers before ~5.20 has no ``swiglu_alpha`` in the config and fixes alpha at 1.702 in the module."""
 
     def format_options(self, config: Any) -> dict[str, Any]:
         return {
             "activation": "gpt_oss",
-            "swiglu_alpha": float(config.swiglu_alpha),
+            "swiglu_alpha": float(getattr(config, "swiglu_alpha", 1.702)),
             "swiglu_limit": float(config.swiglu_limit),
         }
 

@@ -7,7 +7,9 @@ tokens, which sequence each belongs to and whether the step is prefill or decode
 the model or its inputs, and no random number generator is touched, so outputs are unchanged.
 
 Sequences: a forward whose cache is empty starts one new sequence per batch row; a forward with a non-empty
-cache continues the current rows.
+cache continues the current rows. The cache is found by type, whatever the keyword it came under is called in
+the installed transformers (`prophet.compat.cached_tokens`); a forward whose cache cannot be read raises
+`TraceError` rather than recording every decode step as a new sequence.
 
 Cost: per forward the hooks only copy the router outputs on the model's device and keep references; every
 `FLUSH_EVERY` forwards (and at exit) the pending forwards are processed together: runs of same-shaped forwards
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prophet.compat import cached_tokens
 from prophet.errors import TraceError
 from prophet.models import moe_layers
 from prophet.models.adapter import Adapter, MoELayer
@@ -178,8 +181,12 @@ class Recorder:
             b, s = embeds.shape[:2]
         else:
             raise TraceError(f"{self.path}: the model was called without input_ids or inputs_embeds")
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        past = cached_tokens(args, kwargs)
+        if past is None:
+            raise TraceError(
+                f"{self.path}: cannot tell whether this forward starts a sequence or continues one: pass the KV "
+                f"cache as one transformers Cache (got keywords {sorted(k for k, v in kwargs.items() if v is not None)})"
+            )
         if past == 0:  # a new batch: one new sequence per row
             self._batch_seq, self._batch_rows = self._next_seq, b
             self._next_seq += b

@@ -126,10 +126,26 @@ def test_measured_decode_on_the_cpu_reports_each_policy_beside_the_simulator(cap
         assert 0 < r["hit_rate"] < 1 and 0 < r["sim_hit_rate"] < 1 and r["tokens_per_s"] > 0 and r["slots_total"] == 6
         assert r["h2d_gb_per_token"] > 0 and r["timed_steps"] == 6 and r["step_ms_median"] > 0
         assert r["of_bound"] == pytest.approx(r["tokens_per_s"] / record["bounds"]["oracle"]["tokens_per_s"])
-    assert by_policy["prophet"]["prefetches"] > 0 and by_policy["lru"]["prefetches"] == 0
+    # the h100 profile's link budget for these tiny experts asks a near-certain prediction (threshold 0.99 at one
+    # layer ahead): nearly everything is held back (0-1 of 24 predictions passed across releases), and the
+    # report says so
+    assert by_policy["prophet"]["held_back"] >= 10 * max(1, by_policy["prophet"]["prefetches"])
+    assert by_policy["lru"]["prefetches"] == by_policy["lru"]["held_back"] == 0
+    assert "0 predictions held back" not in err and "predictions held back by the link budget" in err
     assert by_policy["all-resident"]["fits"] and by_policy["all-resident"]["tokens_per_s"] > 0
     assert record["bounds"]["oracle"]["hit_rate"] > 0
     assert "measured on 2 of 2 layers" in err and "simulated: hit" in err
+
+
+def test_measured_prefetch_happens_and_is_used_where_compute_hides_the_copy(capsys):
+    """On the l4 profile at batch 8 a layer's compute (7.4 us for these tiny experts) is most of a copy (9.9 us):
+    the link budget lets predictions above 0.57 through, so the predictor's copies are made and hit."""
+    code, out, err = run(capsys, "--model", "mixtral-tiny", "--gpu", "l4", "--batch", "8", "--slots", "6",
+                         "--policy", "prophet", *MEASURE)
+    assert code == 0
+    (r,) = json.loads(out.strip().splitlines()[-1])["results"]
+    assert r["policy"] == "prophet" and r["prefetches"] > 0 and r["prefetch_hits"] > 0
+    assert f"prefetched {r['prefetches']} ({r['prefetch_hits']} used)" in err
 
 
 def test_random_weights_run_the_first_layers_with_the_plans_share_of_slots(capsys):

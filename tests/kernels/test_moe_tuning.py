@@ -48,13 +48,42 @@ def test_written_table_is_read_back_and_the_bucket_at_or_above_wins(tmp_path: Pa
     assert get_config(64, 32, 4096, torch.float16, CPU) == _table()[512]  # past the last bucket: the last
 
 
-def test_missing_table_logs_the_default_once(tmp_path: Path, monkeypatch, caplog) -> None:
+def test_missing_table_warns_of_the_default_once_per_shape(tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.setenv("PROPHET_KERNEL_CONFIGS", str(tmp_path))
     with caplog.at_level(logging.INFO, logger=tuning.__name__):
         assert get_config(48, 40, 3, torch.float32, CPU) == default_config(3)
         assert get_config(48, 40, 300, torch.float32, CPU) == default_config(300)
     logged = [r for r in caplog.records if "using the default" in r.getMessage()]
-    assert len(logged) == 1 and "moe_H48_I40_float32_cpu_triton-interpreter.json" in logged[0].getMessage()
+    assert len(logged) == 1 and logged[0].levelno == logging.WARNING
+    assert "H=48 I=40 float32 on cpu" in logged[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("tuned", "running", "chosen"),
+    [
+        (["3.6.0"], "3.6.0", "3.6.0"),  # exact
+        (["3.6.0"], "3.9.0", "3.6.0"),  # a newer Triton finds the older tuning
+        (["3.4.0", "3.6.0", "3.10.0"], "3.9.1", "3.6.0"),  # the newest older one; 3.10 > 3.9 numerically
+        (["3.6.0", "3.7.0"], "3.5.0", "3.6.0"),  # only newer ones: the oldest of them
+        (["3.6.0", "3.7.0+git1a2b"], "3.7.0", "3.7.0+git1a2b"),  # local suffixes ignored
+    ],
+)
+def test_tuned_settings_apply_across_triton_versions(tmp_path: Path, monkeypatch, caplog, tuned, running, chosen):
+    monkeypatch.setenv("PROPHET_KERNEL_CONFIGS", str(tmp_path))
+    tables = {}
+    for i, version in enumerate(tuned):
+        table = {2 ** (i + 1): _table()[2]}
+        write_configs(tmp_path / config_file_name(64, 32, torch.float16, "cpu", version), table, {})
+        tables[version] = table
+    with caplog.at_level(logging.INFO, logger=tuning.__name__):
+        assert load_configs(64, 32, torch.float16, "cpu", running) == tables[chosen]
+    assert ("were tuned under Triton" in caplog.text) == (chosen != running)
+    assert "using the default" not in caplog.text
+
+
+def test_shipped_h100_settings_are_found_under_a_newer_triton() -> None:
+    table = load_configs(4096, 14336, torch.bfloat16, "NVIDIA_H100_80GB_HBM3", "99.0.0")
+    assert table and all(isinstance(cfg, MoEConfig) for cfg in table.values())
 
 
 def test_stale_format_version_says_to_retune(tmp_path: Path, monkeypatch) -> None:

@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import prophet
+from prophet.compat import cache_keyword
 from prophet.errors import ConfigError
 from prophet.models import get_spec, list_specs, moe_layers
 from prophet.plan import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, workspace_breakdown
@@ -48,7 +49,7 @@ def test_planned_slots_run_the_model_exactly():
     assert runtime.plan.expert_slots == runtime.cache.num_slots == 5 < runtime.plan.total_experts
     assert isinstance(runtime.kv_cache, DynamicCache)
     with torch.no_grad():
-        out = model(ids, past_key_values=runtime.kv_cache, use_cache=True).logits
+        out = model(ids, **{cache_keyword(model): runtime.kv_cache}, use_cache=True).logits
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert runtime.kv_cache.get_seq_length() == 7
 
@@ -101,6 +102,6 @@ def test_static_kv_cache_decodes_like_a_dynamic_one_for_every_family(name):
     for static in (False, True):
         kv = allocate_kv_cache(model, torch.device("cpu"), 16, 2, torch.float32, static=static)
         with torch.inference_mode():
-            model(prompt, past_key_values=kv, use_cache=True)
-            outs.append(model(step, past_key_values=kv, use_cache=True).logits)
+            model(prompt, **{cache_keyword(model): kv}, use_cache=True)
+            outs.append(model(step, **{cache_keyword(model): kv}, use_cache=True).logits)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
