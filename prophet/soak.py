@@ -15,24 +15,28 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from prophet.compat import decode_kwargs
 from prophet.errors import ConfigError
 
 
 def host_rss() -> int:
-    """Resident memory of this process in bytes (Linux ``/proc/self/status``)."""
+    """Resident anonymous memory of this process in bytes (Linux ``/proc/self/status`` ``RssAnon``): the heap,
+    where a leak grows; file-backed pages (mapped libraries) are left out, since the kernel may drop and reload
+    them at any time under another process's memory pressure."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
     except OSError as exc:
         raise ConfigError(f"cannot read /proc/self/status ({exc}): the soak measures memory on Linux only") from exc
-    raise ConfigError("/proc/self/status has no VmRSS line: the soak measures memory on Linux only")
+    raise ConfigError("/proc/self/status has no RssAnon line: the soak measures memory on Linux only")
 
 
 @dataclass
 class SoakResult:
-    """Resident memory over a soak: ``samples`` are ``(decode step, bytes)`` from the end of the warm-up on."""
+    """Resident anonymous memory over a soak: ``samples`` are ``(decode step, bytes)`` from the end of the
+    warm-up on."""
 
     steps: int
     sequences: int
@@ -76,11 +80,11 @@ def soak(model: nn.Module, steps: int, *, seq_len: int = 100, prompt: int = 4, w
             predictor.reset()
         kv = DynamicCache(config=model.config)
         out = model(input_ids=torch.randint(0, model.config.vocab_size, (1, prompt), generator=gen),
-                    cache=kv, use_cache=True)
+                    **decode_kwargs(model, kv, 0, prompt))
         result.sequences += 1
-        for _ in range(min(seq_len, steps - step)):
+        for i in range(min(seq_len, steps - step)):
             probs = torch.softmax(out.logits[:, -1].float(), dim=-1)  # [1, V]
-            out = model(input_ids=torch.multinomial(probs, 1, generator=gen), cache=kv, use_cache=True)
+            out = model(input_ids=torch.multinomial(probs, 1, generator=gen), **decode_kwargs(model, kv, prompt + i, 1))
             step += 1
             bar.update()
             if step >= warm and (step - warm) % every == 0 or step == steps:

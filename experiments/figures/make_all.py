@@ -251,8 +251,56 @@ def fig_g_link_budget() -> None:
           "LRU thrashes at batch 8: each step's experts over all layers cycle through more slots than the pool has.")
 
 
+def fig_h_soak() -> None:
+    data = _read("soak_decode")
+    if data is None:
+        print("(h) skipped: no soak_decode.json; run `python experiments/soak/decode_soak.py`")
+        return
+    fig, (ax,) = _figure()
+    fig.set_size_inches(9, 4.6)  # room for the caption
+    steps, rss = zip(*data["samples"], strict=True)
+    base = data["baseline_bytes"] / 2**20
+    ax.plot(steps, [b / 2**20 for b in rss], marker=".", label="resident anonymous memory")
+    ax.axhspan(base, base * (1 + data["limit"]), color="g", alpha=0.15, label=f"baseline + {data['limit']:.0%}")
+    ax.set(xlabel="decode step", ylabel="MiB", ylim=(base * 0.95, base * 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, "h_soak",
+          f"(h) Host memory over {data['steps']} decode steps ({data['sequences']} sequences, KV cache and predictor "
+          f"reset at each) of a tiny Mixtral on the CPU with {data['slots_per_layer']} of "
+          f"{data['experts_per_layer']} expert slots per layer and a {data['predictor']} predictor, sampled after a "
+          f"{data['warmup_steps']}-step warm-up: largest rise {data['growth']:.3%} of the baseline.")
+
+
+def fig_i_precision() -> None:
+    data = _read("bf16_error")
+    if data is None:
+        print("(i) skipped: no bf16_error.json; run `python experiments/accuracy/bf16_error.py`")
+        return
+    fig, axes = _figure(2)
+    fig.subplots_adjust(left=0.1, wspace=0.35)
+    for ax, dtype in zip(axes, ("bfloat16", "float16"), strict=True):
+        rows = [r for r in data["rows"] if r["dtype"] == dtype]
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        for prefix, label in (("experts_", "experts output"), ("", "logits")):
+            ratio = [[r[f"{prefix}wrapped_rms"] / r[f"{prefix}unwrapped_rms"] for r in rows if r["model"] == m]
+                     for m in models]
+            ax.plot([sum(v) / len(v) for v in ratio], range(len(models)), "o", label=label)
+        ax.axvline(1.0, color="k", linewidth=0.8)
+        names = [m.replace(" (tiny)", "").replace("mixtral-8x7b widths, ", "Mixtral-8x7B ").replace(" layer(s), ", "L ")
+                 .replace(" experts", "E") for m in models]
+        ax.set_yticks(range(len(models)), names, fontsize=7)
+        ax.set(title=dtype, xlabel="RMS error vs fp32, wrapped / unwrapped (mean over inputs)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, "i_precision",
+          "(i) How far the wrapped model is from the fp32 model, relative to the unwrapped model in the same dtype "
+          "(left of 1: closer). Experts output: each MoE layer's experts fed identical inputs, so only their "
+          "rounding differs; logits: the whole model, where router near-ties can flip an expert in either model.")
+
+
 FIGURES: list[Callable[[], None]] = [fig_a_hit_rate, fig_b_recall, fig_c_dedup, fig_d_vram, fig_e_context, fig_f_breakdown,
-                                     fig_g_link_budget]
+                                     fig_g_link_budget, fig_h_soak, fig_i_precision]
 
 
 def main() -> None:
