@@ -2,7 +2,9 @@
 
 transformers reads the safetensors shards (memory-mapped) and converts checkpoint layouts to its own; `wrap`
 then moves the experts into the host store one layer at a time, emptying each layer's parameters as soon as
-they are copied. Peak host memory is the checkpoint plus one layer's experts.
+they are copied. Peak host memory is the checkpoint plus one layer's experts. A checkpoint with quantized
+experts (MXFP4, as gpt-oss ships) is built without its experts and streams their stored bytes into the
+store one expert at a time (`prophet.sources`).
 
 Every way a folder can be wrong (a misspelt option, a broken config.json, an unknown model type, a corrupt
 shard, weights that contradict the config) raises a `ProphetError` naming the file and what to change, and
@@ -22,6 +24,7 @@ from torch import nn
 
 from prophet.errors import CheckpointError, ConfigError, ProphetError, UnsupportedModelError
 from prophet.models.adapter import ADAPTERS
+from prophet.sources import quantized_checkpoint
 from prophet.wrap import SUPPORTED_DTYPES, wrap
 
 _DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in SUPPORTED_DTYPES}
@@ -46,11 +49,27 @@ def load(checkpoint_dir: str | Path, *, dtype: torch.dtype | str = "auto", **wra
         raise CheckpointError(f"{path} has no .safetensors shards: save the model with safe_serialization (the default)")
     for shard in shards:
         _check_shard(shard)
-    model = _from_pretrained(path, dtype)
+    quantized = _quantized(path, dtype)  # quantized experts stream from the shards as stored
+    if quantized is not None:
+        model, source = quantized
+        wrap_options = {**wrap_options, "expert_source": source}
+    else:
+        model = _from_pretrained(path, dtype)
     try:
         return wrap(model.eval(), **wrap_options)
     except ProphetError as exc:
         raise type(exc)(f"{path}: {exc}") from exc
+
+
+def _quantized(path: Path, dtype: torch.dtype | str) -> tuple[nn.Module, Any] | None:
+    """`prophet.sources.quantized_checkpoint`, with transformers' own failures named as the checkpoint's."""
+    try:
+        return quantized_checkpoint(path, _DTYPE_NAMES.get(dtype, dtype))
+    except ProphetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers' config and safetensors readers raise many kinds
+        raise CheckpointError(f"{path}: its quantized experts could not be read ({type(exc).__name__}: {exc}); "
+                              "check quantization_config in config.json, or save the model again") from exc
 
 
 def _check_options(options: dict[str, Any], dtype: object) -> None:

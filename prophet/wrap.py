@@ -26,6 +26,7 @@ from prophet.errors import (
     DtypeError,
     ProphetError,
 )
+from prophet.formats import WeightFormat, dense_format, slab_layout, weight_format
 from prophet.layer import OffloadedExperts
 from prophet.models.adapter import Adapter, MoELayer, moe_layers
 from prophet.plan import Plan, model_sizes, plan, resolve_gpu
@@ -33,6 +34,7 @@ from prophet.policies import EvictionPolicy, make_policy
 from prophet.predict.base import Predictor, check_predictor
 from prophet.prefetch import Prefetcher
 from prophet.runtime import Runtime, RuntimeStats
+from prophet.sources import ExpertSource, fp8_module_source
 from prophet.store import HostStore
 from prophet.transfer import CudaCopyEngine, SyncCopyEngine
 
@@ -120,14 +122,37 @@ def allocate_kv_cache(model: nn.Module, dev: torch.device, max_context: int, bat
     return cache
 
 
+def _compute_dtype(model: nn.Module, expert_params: list[nn.Parameter]) -> torch.dtype:
+    """The dtype the model computes in when its experts are stored quantized: that of its other weights."""
+    experts = {id(p) for p in expert_params}
+    for p in model.parameters():
+        if id(p) not in experts and p.dtype in SUPPORTED_DTYPES:
+            return p.dtype
+    raise DtypeError("no float32, float16 or bfloat16 weights outside the experts: Prophet cannot tell the compute dtype")
+
+
+def _expert_format(expert_dtype: str | WeightFormat | None, dtype: torch.dtype) -> WeightFormat:
+    """The store's format: ``expert_dtype`` by name or as given, else dense in the model's ``dtype``."""
+    if expert_dtype is None:
+        return dense_format(dtype)
+    wf = weight_format(expert_dtype) if isinstance(expert_dtype, str) else expert_dtype
+    if not wf.runnable:
+        raise ConfigError(f"expert_dtype={wf.name!r} is modelling-only; wrap with int4, int8, fp8 or mxfp4")
+    if not wf.quantized and wf != dense_format(dtype):
+        raise ConfigError(f"expert_dtype={wf.name!r} differs from the model's {dtype}: convert the model with "
+                          "model.to(...) instead, or pick a quantized expert_dtype")
+    return wf
+
+
 def _plan_for(model: nn.Module, layers: list[MoELayer], dtype: torch.dtype, dev: torch.device,
-              max_context: int, batch: int, gpu: int | str | None) -> Plan:
+              max_context: int, batch: int, gpu: int | str | None, expert_bytes: int) -> Plan:
     if gpu is None:
         if dev.type != "cuda":
             raise ConfigError("max_context on the CPU needs gpu= (bytes or a profile name such as 'h100-sxm') to size the plan")
         gpu = torch.cuda.mem_get_info(dev)[1]
     name, gpu_bytes = resolve_gpu(gpu)
-    return dataclasses.replace(plan(model_sizes(model, layers, dtype), gpu_bytes, max_context, batch, kv_dtype=dtype), gpu=name)
+    sizes = dataclasses.replace(model_sizes(model, layers, dtype), expert_bytes=expert_bytes)
+    return dataclasses.replace(plan(sizes, gpu_bytes, max_context, batch, kv_dtype=dtype), gpu=name)
 
 
 def wrap(
@@ -144,8 +169,16 @@ def wrap(
     max_context: int | None = None,
     batch: int = 1,
     gpu: int | str | None = None,
+    expert_dtype: str | WeightFormat | None = None,
+    expert_source: ExpertSource | None = None,
 ) -> nn.Module:
     """Offload ``model``'s experts to host memory behind a device slot cache; returns the same model object.
+
+    ``expert_dtype`` ("int4", "int8", "fp8", "fp8-channel", "fp8-tensor", "mxfp4" or a
+    `prophet.formats.WeightFormat`) quantizes the experts as they enter the host store: slots then hold that
+    format's bytes and the kernels dequantize them (`unwrap` restores dequantized weights, not the originals).
+    Experts that are already quantized (transformers' FP8Experts modules, or ``expert_source``, which
+    `prophet.load` gives for quantized checkpoints) are stored as they are.
 
     Give at most one of ``cache_slots`` (one pool shared by all MoE layers), ``slots_per_layer`` (a pool per
     layer) or ``cache_bytes`` (a shared pool sized from bytes). With none, every expert gets a slot.
@@ -162,13 +195,22 @@ def wrap(
                           "or leave it out to pick one from config.model_type")
     dev = resolve_device(device)
     layers = moe_layers(model, adapter)
+    source = expert_source or fp8_module_source(layers)
     params = [p for layer in layers for p in layer.expert_parameters()]
-    dtype = params[0].dtype
-    if dtype not in SUPPORTED_DTYPES or any(p.dtype != dtype for p in params):
-        found = sorted({str(p.dtype) for p in params})
-        raise DtypeError(f"expert weights are {found}; Prophet's kernels run float32, float16 or bfloat16: convert with model.to(torch.bfloat16)")
-    if any(p.is_meta for p in params):
-        raise ConfigError("expert weights are on the meta device (no data); load real weights or use prophet.load(checkpoint_dir)")
+    if source is not None:
+        if expert_dtype is not None:
+            raise ConfigError(f"the experts are already quantized ({source.description}); drop expert_dtype")
+        dtype = _compute_dtype(model, params)
+        weights = source.weights
+    else:
+        dtype = params[0].dtype
+        if dtype not in SUPPORTED_DTYPES or any(p.dtype != dtype for p in params):
+            found = sorted({str(p.dtype) for p in params})
+            raise DtypeError(f"expert weights are {found}; Prophet's kernels run float32, float16 or bfloat16: convert with model.to(torch.bfloat16)")
+        if any(p.is_meta for p in params):
+            raise ConfigError("expert weights are on the meta device (no data); load real weights or use prophet.load(checkpoint_dir)")
+        weights = _expert_format(expert_dtype, dtype)
+    layout = slab_layout(layers[0].fmt, weights, dtype if weights.quantized else None)
     memory_plan = kv_cache = None
     if max_context is None and (batch != 1 or gpu is not None):
         raise ConfigError(f"batch={batch!r} and gpu={gpu!r} size the memory plan: give max_context too, or drop them")
@@ -179,7 +221,7 @@ def wrap(
         for name, value in (("max_context", max_context), ("batch", batch)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name}={value!r}: give a whole number of tokens/sequences (at least 1)")
-        memory_plan = _plan_for(model, layers, dtype, dev, max_context, batch, gpu)
+        memory_plan = _plan_for(model, layers, dtype, dev, max_context, batch, gpu, layout.nbytes)
         cache_slots = memory_plan.expert_slots
     cfg = _cache_config(
         config, policy if isinstance(policy, str) else "lru",
@@ -188,7 +230,7 @@ def wrap(
     factory = policy_factory(cfg.cache.policy if isinstance(policy, str) else policy)
     if predictor is not None:
         check_predictor(predictor, len(layers), layers[0].num_experts, layers[0].top_k)
-    cache_slots, slots_per_layer = _slot_counts(cfg.cache, layers, dtype)
+    cache_slots, slots_per_layer = _slot_counts(cfg.cache, layers, layout.nbytes)
     if memory_plan is not None:
         try:
             kv_cache = allocate_kv_cache(model, dev, max_context, batch, dtype)
@@ -199,19 +241,20 @@ def wrap(
     def make_runtime(store: HostStore) -> Runtime:  # after the store is filled: slots never add to its peak
         cache = _new_cache(store, dev, factory, cache_slots, slots_per_layer)
         runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
+        runtime.source = source
         runtime.plan = memory_plan
         runtime.kv_cache = kv_cache
         return runtime
 
     # Everything is checked; from here a failure puts the model back as it was (`_build`).
-    store = HostStore.for_layers(layers, pin=dev.type == "cuda" and cfg.pin_memory)
-    setattr(model, _ATTR, _build(model, layers, store, make_runtime))
+    store = HostStore.for_layers(layers, pin=dev.type == "cuda" and cfg.pin_memory, weights=weights, source=source,
+                                 dtype=dtype)
+    setattr(model, _ATTR, _build(model, layers, store, source, make_runtime))
     return model
 
 
-def _slot_counts(cache_cfg: CacheConfig, layers: list[MoELayer], dtype: torch.dtype) -> tuple[int | None, int | None]:
+def _slot_counts(cache_cfg: CacheConfig, layers: list[MoELayer], slab_bytes: int) -> tuple[int | None, int | None]:
     """``(cache_slots, slots_per_layer)`` from the config, capped at the number of experts."""
-    slab_bytes = layers[0].fmt.nbytes(dtype)
     cache_slots, slots_per_layer = cache_cfg.cache_slots, cache_cfg.slots_per_layer
     if cache_cfg.cache_bytes is not None:
         cache_slots = cache_cfg.cache_bytes // slab_bytes
@@ -230,17 +273,20 @@ def _slot_counts(cache_cfg: CacheConfig, layers: list[MoELayer], dtype: torch.dt
     return cache_slots, slots_per_layer
 
 
-def _build(model: nn.Module, layers: list[MoELayer], store: HostStore, make_runtime: Callable[[HostStore], Runtime]
-           ) -> Runtime:
-    """Move the experts into ``store``, make the runtime (cache slots), swap in `OffloadedExperts`, move the
-    model to the device and load the cache.
+def _build(model: nn.Module, layers: list[MoELayer], store: HostStore, source: ExpertSource | None,
+           make_runtime: Callable[[HostStore], Runtime]) -> Runtime:
+    """Move the experts into ``store`` (from ``source`` when given), make the runtime (cache slots), swap in
+    `OffloadedExperts`, move the model to the device and load the cache.
 
     All or nothing: if anything fails (out of memory, an interrupt), the original experts modules come back
-    with their exact parameters on their original devices, and the error is raised again."""
+    with their exact parameters on their original devices, and the error is raised again. A store that holds
+    the experts exactly (dense, or as their source stores them) frees each layer's parameters as it copies it;
+    one that quantizes them frees them only once everything succeeded, since the originals cannot be rebuilt."""
     shapes = [{name: p.shape for name, p in layer.experts.named_parameters()} for layer in layers]
     placement = _placement(model)
+    exact = source is not None or not store.weights.quantized
     try:
-        store.fill(layers, free_source=True)  # the store holds the only copy now
+        store.fill(layers, free_source=exact, source=source)  # when exact, the store holds the only copy now
         runtime = make_runtime(store)
         runtime.expert_shapes = shapes
         for layer in layers:
@@ -248,11 +294,15 @@ def _build(model: nn.Module, layers: list[MoELayer], store: HostStore, make_runt
         model.to(runtime.device)
         runtime.settle()
     except BaseException as exc:
-        _rollback(layers, shapes, store, placement)
+        _rollback(layers, shapes, store, source, placement)
         if isinstance(exc, torch.OutOfMemoryError):
             raise CapacityError(f"wrapping ran out of memory ({str(exc).splitlines()[0]}); the model is unchanged: "
                                 "give fewer cache_slots/slots_per_layer or a smaller cache_bytes, or free memory") from exc
         raise
+    if not exact:
+        for layer in layers:
+            for p in layer.expert_parameters():
+                p.data = torch.empty(0, dtype=p.dtype)
     return runtime
 
 
@@ -265,20 +315,26 @@ def _placement(model: nn.Module) -> list[tuple[nn.Module, str, bool, torch.devic
     return out
 
 
-def _rollback(layers: list[MoELayer], shapes: list[dict[str, torch.Size]], store: HostStore,
+def _rollback(layers: list[MoELayer], shapes: list[dict[str, torch.Size]], store: HostStore, source: ExpertSource | None,
               placement: list[tuple[nn.Module, str, bool, torch.device]]) -> None:
-    """Undo a partial `_build`: experts modules swapped back, emptied parameters refilled from the store, and
-    every tensor moved back to where it was (copies between devices are exact)."""
+    """Undo a partial `_build`: experts modules swapped back, emptied parameters refilled from the store (through
+    the source's ``write`` for quantized modules; a checkpoint stream's were never in the model), and every
+    tensor moved back to where it was (copies between devices are exact)."""
     with torch.no_grad():
         for li, (layer, shape) in enumerate(zip(layers, shapes, strict=True)):
             setattr(layer.parent, layer.attr, layer.experts)
             params = dict(layer.experts.named_parameters())
             if all(p.numel() == shape[name].numel() for name, p in params.items()):
                 continue  # never emptied
+            streamed = source is not None and source.write is None  # shaped placeholders, as prophet.sources made
             for name, p in params.items():
-                p.data = torch.empty(shape[name], dtype=p.dtype)
-            for e in range(layer.num_experts):
-                layer.set_expert(e, store.read(li, e))
+                p.data = torch.zeros((), dtype=p.dtype).expand(shape[name]) if streamed else \
+                    torch.empty(shape[name], dtype=p.dtype)
+            for e in range(0 if streamed else layer.num_experts):
+                if source is None:
+                    layer.set_expert(e, store.read(li, e))
+                else:
+                    source.write(li, e, store.read(li, e))
         for module, name, is_param, dev in placement:
             table = module._parameters if is_param else module._buffers
             tensor = table[name]
@@ -359,7 +415,10 @@ def unwrap(model: nn.Module) -> nn.Module:
             for name, p in layer.experts.named_parameters():
                 p.data = torch.empty(shapes[name], dtype=p.dtype, device=runtime.device)
             for e in range(layer.num_experts):
-                layer.set_expert(e, runtime.store.read(li, e))
+                if runtime.source is not None and runtime.source.write is not None:
+                    runtime.source.write(li, e, runtime.store.read(li, e))  # the quantized module, bit for bit
+                else:
+                    layer.set_expert(e, runtime.store.read_canonical(li, e))
             setattr(layer.parent, layer.attr, layer.experts)
     delattr(model, _ATTR)
     return model

@@ -323,3 +323,20 @@ def test_out_of_memory_says_what_to_change(monkeypatch):
     monkeypatch.setattr(ExpertCache, "__init__", fault(ExpertCache.__init__, torch.OutOfMemoryError("out of memory")))
     with pytest.raises(CapacityError, match="the model is unchanged: give fewer cache_slots/slots_per_layer"):
         prophet.wrap(tiny_mixtral(), device="cpu", slots_per_layer=2)
+
+
+@pytest.mark.parametrize("site", ["store, second layer (first layer already freed)", "slot allocation",
+                                  "moving the model to the device"])
+def test_a_fault_while_quantizing_leaves_the_original_weights(monkeypatch, site):
+    # a quantized store cannot give the originals back, so they are freed only once wrap succeeded
+    owner, attr, after, kwargs = FAULT_SITES[site]
+    model = tiny_mixtral()
+    before = Snapshot(model)
+    target = model if owner == "model" else owner
+    monkeypatch.setattr(target, attr, fault(getattr(target, attr), KeyboardInterrupt(), after))
+    with pytest.raises(KeyboardInterrupt):
+        prophet.wrap(model, device="cpu", expert_dtype="int8", **kwargs)
+    monkeypatch.undo()
+    before.assert_unchanged(model)
+    prophet.wrap(model, device="cpu", expert_dtype="int8", slots_per_layer=1)
+    assert all(p.numel() == 0 for layer in runtime_of(model).layers for p in layer.expert_parameters())

@@ -251,10 +251,43 @@ def fig_g_link_budget() -> None:
           "LRU thrashes at batch 8: each step's experts over all layers cycle through more slots than the pool has.")
 
 
-def fig_h_soak() -> None:
+def fig_h_quant() -> None:
+    sim, quality = _read("sim_quant"), _read("quant_quality")
+    if sim is None or quality is None:
+        print(f"(h) skipped: needs sim_quant.json (`{SWEEPS} quant`) and quant_quality.json "
+              "(`python experiments/quant_quality.py`)")
+        return
+    fig, (speed, error) = _figure(2)
+    bits = [p["bits_per_param"] for p in sim["points"]]
+    for i, pol in enumerate(("lru", "prophet")):
+        speed.plot(bits, [p["results"][i]["tokens_per_s"] for p in sim["points"]], marker="o", label=pol)
+    for p in sim["points"]:
+        speed.annotate(p["expert_dtype"], (p["bits_per_param"], p["results"][0]["tokens_per_s"]), fontsize=7,
+                       textcoords="offset points", xytext=(3, -9))
+    speed.set(title="Mixtral-8x7B on rtx-4090, 32K context", xlabel="bits per expert parameter (scales included)",
+              ylabel="decode tokens/s (simulated)", yscale="log")
+    rows = quality["formats"]
+    error.scatter([r["bits_per_param"] for r in rows], [100 * r["perplexity_change"] for r in rows], marker="o")
+    for r in rows:
+        error.annotate(r["format"], (r["bits_per_param"], 100 * r["perplexity_change"]), fontsize=7,
+                       textcoords="offset points", xytext=(3, 3))
+    error.set(title="tiny trained MoE, held-out text", xlabel="bits per expert parameter (H=128, I=256)",
+              ylabel="perplexity change vs bf16 (%)")
+    for ax in (speed, error):
+        ax.grid(alpha=0.3, which="both")
+    speed.legend(fontsize=7)
+    _save(fig, "h_quant",
+          "(h) Quantized experts. Left: simulated decode of Mixtral-8x7B on the RTX 4090 profile at 32K context "
+          "(shared trace, batch 1) with expert slots planned at each format's bytes; LRU is copy-only, prophet "
+          "prefetches within the link budget; int3/int2 are modelled bytes only. Right: perplexity change on "
+          "held-out plays of the trained tiny MoE when its experts are quantized at wrap, against the bf16 model "
+          "(the bf16 point is the wrapped model computing its experts in fp32).")
+
+
+def fig_i_soak() -> None:
     data = _read("soak_decode")
     if data is None:
-        print("(h) skipped: no soak_decode.json; run `python experiments/soak/decode_soak.py`")
+        print("(i) skipped: no soak_decode.json; run `python experiments/soak/decode_soak.py`")
         return
     fig, (ax,) = _figure()
     fig.set_size_inches(9, 4.6)  # room for the caption
@@ -265,17 +298,17 @@ def fig_h_soak() -> None:
     ax.set(xlabel="decode step", ylabel="MiB", ylim=(base * 0.95, base * 1.05))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, "h_soak",
-          f"(h) Host memory over {data['steps']} decode steps ({data['sequences']} sequences, KV cache and predictor "
+    _save(fig, "i_soak",
+          f"(i) Host memory over {data['steps']} decode steps ({data['sequences']} sequences, KV cache and predictor "
           f"reset at each) of a tiny Mixtral on the CPU with {data['slots_per_layer']} of "
           f"{data['experts_per_layer']} expert slots per layer and a {data['predictor']} predictor, sampled after a "
           f"{data['warmup_steps']}-step warm-up: largest rise {data['growth']:.3%} of the baseline.")
 
 
-def fig_i_precision() -> None:
+def fig_j_precision() -> None:
     data = _read("bf16_error")
     if data is None:
-        print("(i) skipped: no bf16_error.json; run `python experiments/accuracy/bf16_error.py`")
+        print("(j) skipped: no bf16_error.json; run `python experiments/accuracy/bf16_error.py`")
         return
     fig, axes = _figure(2)
     fig.subplots_adjust(left=0.1, wspace=0.35)
@@ -293,14 +326,14 @@ def fig_i_precision() -> None:
         ax.set(title=dtype, xlabel="RMS error vs fp32, wrapped / unwrapped (mean over inputs)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, "i_precision",
-          "(i) How far the wrapped model is from the fp32 model, relative to the unwrapped model in the same dtype "
+    _save(fig, "j_precision",
+          "(j) How far the wrapped model is from the fp32 model, relative to the unwrapped model in the same dtype "
           "(left of 1: closer). Experts output: each MoE layer's experts fed identical inputs, so only their "
           "rounding differs; logits: the whole model, where router near-ties can flip an expert in either model.")
 
 
 FIGURES: list[Callable[[], None]] = [fig_a_hit_rate, fig_b_recall, fig_c_dedup, fig_d_vram, fig_e_context, fig_f_breakdown,
-                                     fig_g_link_budget, fig_h_soak, fig_i_precision]
+                                     fig_g_link_budget, fig_h_quant, fig_i_soak, fig_j_precision]
 
 
 def main() -> None:
