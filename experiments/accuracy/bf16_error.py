@@ -74,7 +74,7 @@ def main() -> None:
                          "cache": "2 slots per layer", **report.to_dict()})
         del model
     summary = {}
-    for dtype, cache in [(d, c) for d in ("bfloat16", "float16") for c in ("waves", "all resident")]:
+    for dtype, cache in [(d, c) for d in ("bfloat16", "float16") for c in ("small cache", "all resident")]:
         sel = [r for r in rows if r["dtype"] == dtype and (r["cache"] == "all slots") == (cache == "all resident")]
         logits = sorted(r["wrapped_rms"] / r["unwrapped_rms"] for r in sel)
         experts = sorted(r["experts_wrapped_rms"] / r["experts_unwrapped_rms"] for r in sel)
