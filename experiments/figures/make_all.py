@@ -315,21 +315,28 @@ def fig_j_precision() -> None:
     for ax, dtype in zip(axes, ("bfloat16", "float16"), strict=True):
         rows = [r for r in data["rows"] if r["dtype"] == dtype]
         models = list(dict.fromkeys(r["model"] for r in rows))
-        for prefix, label in (("experts_", "experts output"), ("", "logits")):
-            ratio = [[r[f"{prefix}wrapped_rms"] / r[f"{prefix}unwrapped_rms"] for r in rows if r["model"] == m]
-                     for m in models]
-            ax.plot([sum(v) / len(v) for v in ratio], range(len(models)), "o", label=label)
+        for prefix, resident, label in (("experts_", False, "experts output, small cache"),
+                                        ("experts_", True, "experts output, all resident"), ("", False, "logits, small cache")):
+            ys, xs = [], []
+            for y, m in enumerate(models):
+                v = [r[f"{prefix}wrapped_rms"] / r[f"{prefix}unwrapped_rms"] for r in rows
+                     if r["model"] == m and (r.get("cache") == "all slots") == resident]
+                if v:
+                    ys.append(y)
+                    xs.append(sum(v) / len(v))
+            ax.plot(xs, ys, "o", label=label)
         ax.axvline(1.0, color="k", linewidth=0.8)
         names = [m.replace(" (tiny)", "").replace("mixtral-8x7b widths, ", "Mixtral-8x7B ").replace(" layer(s), ", "L ")
                  .replace(" experts", "E") for m in models]
         ax.set_yticks(range(len(models)), names, fontsize=7)
         ax.set(title=dtype, xlabel="RMS error vs fp32, wrapped / unwrapped (mean over inputs)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[1].legend(fontsize=7, loc="lower right")  # the one corner no point falls in
     _save(fig, "j_precision",
           "(j) How far the wrapped model is from the fp32 model, relative to the unwrapped model in the same dtype "
           "(left of 1: closer). Experts output: each MoE layer's experts fed identical inputs, so only their "
-          "rounding differs; logits: the whole model, where router near-ties can flip an expert in either model.")
+          "rounding differs (small cache: one slot per layer, steps in waves summed in the model's dtype; all "
+          "resident: one pass); logits: the whole model, where router near-ties can flip an expert in either model.")
 
 
 FIGURES: list[Callable[[], None]] = [fig_a_hit_rate, fig_b_recall, fig_c_dedup, fig_d_vram, fig_e_context, fig_f_breakdown,
