@@ -10,6 +10,7 @@ writes the store back into the original modules (bit-identical) and swaps them b
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ from prophet.runtime import Runtime, RuntimeStats
 from prophet.sources import ExpertSource, fp8_module_source
 from prophet.store import HostStore
 from prophet.transfer import CudaCopyEngine, SyncCopyEngine
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ATTR = "_prophet_runtime"
@@ -152,7 +155,10 @@ def _plan_for(model: nn.Module, layers: list[MoELayer], dtype: torch.dtype, dev:
         gpu = torch.cuda.mem_get_info(dev)[1]
     name, gpu_bytes = resolve_gpu(gpu)
     sizes = dataclasses.replace(model_sizes(model, layers, dtype), expert_bytes=expert_bytes)
-    return dataclasses.replace(plan(sizes, gpu_bytes, max_context, batch, kv_dtype=dtype), gpu=name)
+    memory = plan(sizes, gpu_bytes, max_context, batch, kv_dtype=dtype)
+    for warning in memory.warnings:
+        logger.warning(warning)
+    return dataclasses.replace(memory, gpu=name)
 
 
 def wrap(

@@ -334,13 +334,15 @@ def validate_trace(trace: Trace, where: str) -> None:
                     where, f"token {t}, layer {layer} selects the same expert twice: {ex[t, layer].tolist()}"
                 )
         w = np.asarray(trace.weights)
-        finite = np.isfinite(w) | (ex < 0)
-        if not finite.all():
-            t, layer, k = np.argwhere(~finite)[0]
+        missing = np.isnan(w)  # weights not recorded: a whole (token, layer), e.g. engines that report ids only
+        bad = np.isinf(w) | (missing & ~missing.all(axis=-1, keepdims=True) & (ex >= 0))
+        if bad.any():
+            t, layer, k = np.argwhere(bad)[0]
             raise _fail(
                 where,
                 f"router weight {w[t, layer, k]} of expert {ex[t, layer, k]} at token {t}, layer {layer} is not finite; "
-                "recorded weights must be finite numbers (NaN only where the expert id is -1, not recorded)",
+                "weights must be finite numbers, or NaN for every expert of a (token, layer) whose weights were not "
+                "recorded",
             )
         ph = np.asarray(trace.phase)
         if ph.max() > max(Phase):

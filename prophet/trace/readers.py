@@ -3,7 +3,9 @@
 * a Prophet trace directory (``header.json`` + ``.npy``; see ``traces/FORMAT.md``), memory-mapped;
 * the neutral ``NAME.npz`` (+ ``NAME.json``) format of the shared real traces;
 * vLLM-style JSONL, one row per (token, layer): ``{"problem_id", "layer", "token_idx", "experts",
-  "gating_probs"}`` and optionally ``"dataset"``.
+  "gating_probs"}`` and optionally ``"dataset"``;
+* what serving engines return (`prophet.trace.engines`): vLLM ``routed_experts`` responses (``fmt="vllm"``),
+  SGLang's routed-experts payload (``fmt="sglang"``), MoE-Infinity's saved activation counts (``.npy``).
 
 Whatever the format, a file that is missing, truncated, corrupt or inconsistent raises `TraceError` naming
 the file and the problem; nothing is skipped silently.
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FORMATS = ("auto", "vllm", "sglang", "moe-infinity")  # auto: by the path (a .npy is MoE-Infinity's)
 NEUTRAL_ARRAYS = ("experts", "weights", "seq_offsets", "token_ids", "exact")
 # numpy dtype kinds each neutral array may have: signed or unsigned integers, floats, booleans
 NEUTRAL_KINDS = {"experts": "iu", "weights": "f", "seq_offsets": "iu", "token_ids": "iu", "exact": "b"}
@@ -43,17 +46,29 @@ def load(
     model: TraceModel | nn.Module | None = None,
     num_experts: int | None = None,
     verify: bool = True,
+    fmt: str = "auto",
 ) -> Trace:
     """Read a trace in any supported format (chosen by what ``path`` is).
 
     ``model`` (a `TraceModel` or an adapter-supported model) must agree with the trace's layer count,
     expert count and top-k. ``num_experts`` is needed for formats that do not store it (JSONL, an ``.npz``
     without its ``.json``). ``verify`` checks Prophet traces' CRC-32 (one sequential read of each array).
+    ``fmt`` (one of `FORMATS`) names the format where the file name does not (vLLM and SGLang responses are
+    ``.json``/``.jsonl``); the engines' formats take layers, experts and top-k from ``model`` where they lack them.
     """
     p = Path(path)
+    if fmt not in FORMATS:
+        raise TraceError(f"format {fmt!r} is unknown: use one of {', '.join(FORMATS)}")
     if not p.exists():
         raise TraceError(f"{p}: no such file or directory")
-    if p.is_dir():
+    engine = "moe-infinity" if fmt == "auto" and p.suffix == ".npy" else None if fmt == "auto" else fmt
+    if engine is not None:
+        from prophet.trace import engines
+
+        reader = {"vllm": engines.read_vllm, "sglang": engines.read_sglang, "moe-infinity": engines.read_moe_infinity}
+        shape = None if model is None else _as_trace_model(model)
+        trace = reader[engine](p, model=shape, num_experts=num_experts)
+    elif p.is_dir():
         trace = load_dir(p, verify=verify)
     elif p.suffix == ".npz":
         trace = read_neutral(p, num_experts=num_experts)
@@ -123,6 +138,11 @@ def read_neutral(path: Path, num_experts: int | None = None) -> Trace:
         bad = int(ex.max()) if ex.max() >= e else int(ex.min())
         raise TraceError(f"{path}: expert id {bad} is out of range for {e} experts (valid: 0..{e - 1}, or -1 for not "
                          "recorded)")
+    unrecorded = ~np.isfinite(arr["weights"]) & (ex >= 0) if arr["weights"].shape == ex.shape else None
+    if unrecorded is not None and unrecorded.any():
+        t, layer, k = np.argwhere(unrecorded)[0]
+        raise TraceError(f"{path}: router weight {arr['weights'][t, layer, k]} of expert {ex[t, layer, k]} at token {t}, "
+                         f"layer {layer} is not finite; this format records a finite weight for every expert id >= 0")
     for key, want in (("layers", L), ("top_k", K), ("tokens", n)):
         if key in info and info[key] != want:
             raise TraceError(f"{path}: {jp.name} says {key}={info[key]}, the arrays hold {want}")

@@ -265,9 +265,12 @@ def _unfinished(path: Path) -> None:
     (path / ".staging").mkdir()
 
 
-def _nan_weight(a: np.ndarray) -> np.ndarray:
-    a[0, 0, 0] = np.nan
-    return a
+def _weight(value: float) -> Callable[[np.ndarray], np.ndarray]:
+    def make(a: np.ndarray) -> np.ndarray:
+        a[0, 0, 0] = value
+        return a
+
+    return make
 
 
 BAD_DIRS: dict[str, Callable[[Path], None]] = {
@@ -319,7 +322,9 @@ BAD_DIRS: dict[str, Callable[[Path], None]] = {
     "experts as int32": _rewrite("experts", lambda a: a.astype(np.int32)),
     "expert id out of range": _rewrite("experts", lambda a: np.where(a == a.max(), E, a).astype(a.dtype)),
     "same expert twice": _rewrite("experts", lambda a: np.repeat(a[..., :1], K, axis=-1)),
-    "NaN weight where recorded": _rewrite("weights", _nan_weight),
+    "NaN weight beside recorded ones": _rewrite("weights", _weight(np.nan)),
+    "+inf weight": _rewrite("weights", _weight(np.inf)),
+    "-inf weight": _rewrite("weights", _weight(-np.inf)),
     "phase value 7": _rewrite("phase", lambda a: np.full_like(a, 7)),
     "seq_offsets falling": _rewrite("seq_offsets", lambda a: a[::-1].copy()),
     "zero tokens": _zero_tokens,
@@ -332,6 +337,13 @@ def test_bad_trace_directory_is_refused(tmp_path, case):
     BAD_DIRS[case](path)
     with pytest.raises(TraceError, match=str(path)):
         pt.load(path)
+
+
+def test_a_directory_without_router_weights_loads(tmp_path):
+    # engines that report expert ids only leave every weight NaN: that is "not recorded", not corruption
+    path = random_trace(np.random.default_rng(0), n=N, layers=L, experts=E, k=K, seqs=2).save(tmp_path / "t")
+    _rewrite("weights", lambda a: np.full_like(a, np.nan))(path)
+    assert np.isnan(pt.load(path).weights).all()
 
 
 def test_the_unchanged_directory_loads(tmp_path):
