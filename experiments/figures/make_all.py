@@ -326,8 +326,63 @@ def fig_h_quant() -> None:
           "(the bf16 point is the wrapped model computing its experts in fp32).")
 
 
+def fig_i_soak() -> None:
+    data = _read("soak_decode")
+    if data is None:
+        print("(i) skipped: no soak_decode.json; run `python experiments/soak/decode_soak.py`")
+        return
+    fig, (ax,) = _figure()
+    fig.set_size_inches(9, 4.6)  # room for the caption
+    steps, rss = zip(*data["samples"], strict=True)
+    base = data["baseline_bytes"] / 2**20
+    ax.plot(steps, [b / 2**20 for b in rss], marker=".", label="resident anonymous memory")
+    ax.axhspan(base, base * (1 + data["limit"]), color="g", alpha=0.15, label=f"baseline + {data['limit']:.0%}")
+    ax.set(xlabel="decode step", ylabel="MiB", ylim=(base * 0.95, base * 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, "i_soak",
+          f"(i) Host memory over {data['steps']} decode steps ({data['sequences']} sequences, KV cache and predictor "
+          f"reset at each) of a tiny Mixtral on the CPU with {data['slots_per_layer']} of "
+          f"{data['experts_per_layer']} expert slots per layer and a {data['predictor']} predictor, sampled after a "
+          f"{data['warmup_steps']}-step warm-up: largest rise {data['growth']:.3%} of the baseline.")
+
+
+def fig_j_precision() -> None:
+    data = _read("bf16_error")
+    if data is None:
+        print("(j) skipped: no bf16_error.json; run `python experiments/accuracy/bf16_error.py`")
+        return
+    fig, axes = _figure(2)
+    fig.subplots_adjust(left=0.1, wspace=0.35)
+    for ax, dtype in zip(axes, ("bfloat16", "float16"), strict=True):
+        rows = [r for r in data["rows"] if r["dtype"] == dtype]
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        for prefix, resident, label in (("experts_", False, "experts output, small cache"),
+                                        ("experts_", True, "experts output, all resident"), ("", False, "logits, small cache")):
+            ys, xs = [], []
+            for y, m in enumerate(models):
+                v = [r[f"{prefix}wrapped_rms"] / r[f"{prefix}unwrapped_rms"] for r in rows
+                     if r["model"] == m and (r.get("cache") == "all slots") == resident]
+                if v:
+                    ys.append(y)
+                    xs.append(sum(v) / len(v))
+            ax.plot(xs, ys, "o", label=label)
+        ax.axvline(1.0, color="k", linewidth=0.8)
+        names = [m.replace(" (tiny)", "").replace("mixtral-8x7b widths, ", "Mixtral-8x7B ").replace(" layer(s), ", "L ")
+                 .replace(" experts", "E") for m in models]
+        ax.set_yticks(range(len(models)), names, fontsize=7)
+        ax.set(title=dtype, xlabel="RMS error vs fp32, wrapped / unwrapped (mean over inputs)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")  # the one corner no point falls in
+    _save(fig, "j_precision",
+          "(j) How far the wrapped model is from the fp32 model, relative to the unwrapped model in the same dtype "
+          "(left of 1: closer). Experts output: each MoE layer's experts fed identical inputs, so only their "
+          "rounding differs (small cache: one slot per layer, steps in waves summed in the model's dtype; all "
+          "resident: one pass); logits: the whole model, where router near-ties can flip an expert in either model.")
+
+
 FIGURES: list[Callable[[], None]] = [fig_a_hit_rate, fig_b_recall, fig_c_dedup, fig_d_vram, fig_e_context, fig_f_breakdown,
-                                     fig_g_link_budget, fig_h_quant]
+                                     fig_g_link_budget, fig_h_quant, fig_i_soak, fig_j_precision]
 
 
 def main(results: Path = RESULTS, out: Path = OUT) -> None:
