@@ -1,0 +1,201 @@
+"""Missed experts computed on the host CPU, straight from the host store's slabs, while the GPU runs the rest.
+
+At batch 1 a missed expert sees about one token: reading its weights once from host DRAM (a few ms on a server
+socket) beats copying them over PCIe. `HostExperts.submit` queues one layer's host experts and returns a
+future at once; the work runs on CPU threads that release the GIL (ctypes kernel calls and torch ops), so the
+Python thread goes on launching the resident experts on the GPU. The future's result is the host experts'
+weighted sum ``[T, H]`` fp32 on the CPU; the caller copies it to the device and adds it to the layer's output.
+
+Arithmetic per expert follows `prophet.models.adapter.expert_forward` with fp32 accumulation: ``h = w1 x + b1``
+in fp32, the activation in fp32, ``a`` rounded to the weight dtype (as the eager model rounds it before the
+down projection), ``y = w2 a + b2`` in fp32. Matrix products (`host_linear`):
+
+    bf16, up to ``GEMV_MAX_TOKENS`` tokens, kernel built: `prophet.host_gemv` AVX2 kernel, output rows split
+        over the threads (weights stream from DRAM once, at the read bandwidth)
+    bf16/fp16, more tokens: row tiles widened to fp32 and multiplied by torch (compute-bound there anyway)
+    fp32: torch's fp32 matmul, rows split over the threads
+    other storage (quantized formats): ``dequantize(tensors) -> dense tensors`` given to `HostExperts`, then
+        the dense path; a format with its own fast host kernel plugs in by returning its tensors from
+        ``dequantize`` unchanged and registering in `LINEARS`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prophet import envs, host_gemv
+from prophet.errors import ConfigError, DtypeError
+from prophet.models.adapter import ExpertFormat
+from prophet.store import HostStore
+
+GEMV_MAX_TOKENS = 8  # the kernel re-widens weights per token; past this, widened tiles + torch matmul win
+TILE_ELEMENTS = 1 << 17  # weights widened to fp32 per tile (512 KiB fp32: stays in L2)
+ROW_ALIGN = 16  # thread row ranges start on multiples of this (whole cache lines of bf16 rows' starts)
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+def default_threads() -> int:
+    """``PROPHET_HOST_THREADS``, else the usable CPUs minus one (the Python thread that drives the GPU)."""
+    given = envs.host_threads()
+    if given is not None:
+        return given
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable - 1)
+
+
+@dataclass(frozen=True)
+class HostJob:
+    """One expert's share of a layer step: which tokens it sees and with what router weight.
+
+    tokens  int64 [n]    rows of the layer's hidden states
+    weights fp32  [n]    router weight of this expert for each of those tokens
+    """
+
+    expert: int
+    tokens: torch.Tensor
+    weights: torch.Tensor
+
+
+def jobs_for(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: Sequence[int]) -> list[HostJob]:
+    """`HostJob` per expert of ``experts`` from a layer's routing (``[T, k]`` ids and weights, any device)."""
+    idx, w = top_k_index.cpu(), top_k_weights.float().cpu()
+    jobs = []
+    for e in experts:
+        t, j = (idx == e).nonzero(as_tuple=True)
+        jobs.append(HostJob(int(e), t, w[t, j]))
+    return jobs
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges covering ``[0, n)``, boundaries on multiples of ROW_ALIGN."""
+    step = -(-n // parts)
+    step = -(-step // ROW_ALIGN) * ROW_ALIGN
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+class HostExperts:
+    """Computes experts on ``threads`` CPU threads from ``store`` (any layer, any expert).
+
+    ``dequantize`` turns one expert's stored tensors (``store.read``) into dense ``w1, w2[, b1, b2]`` for
+    storage dtypes other than fp32/bf16/fp16. Call `close` (or use as a context manager) to stop the threads.
+    """
+
+    def __init__(
+        self,
+        store: HostStore,
+        threads: int | None = None,
+        dequantize: Callable[[Tensors], Tensors] | None = None,
+        use_kernel: bool = True,
+    ) -> None:
+        self.threads = threads if threads is not None else default_threads()
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"threads={threads!r}: give a positive number of host threads (or None to detect)")
+        if store.dtype not in (torch.float32, torch.bfloat16, torch.float16) and dequantize is None:
+            raise DtypeError(f"host store holds {store.dtype}; pass dequantize= to compute its experts on the host")
+        self.store = store
+        self.dequantize = dequantize
+        self.kernel = use_kernel and host_gemv.available()
+        self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="prophet-host")
+        self._driver = ThreadPoolExecutor(1, thread_name_prefix="prophet-host-driver")  # orders layer jobs
+        self._local = threading.local()  # per-thread fp32 tile for widened weights
+
+    def __enter__(self) -> HostExperts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._driver.shutdown(wait=True)
+        self._workers.shutdown(wait=True)
+
+    # ---- the API the step calls ----------------------------------------------------------------------
+    def submit(self, layer: int, hidden: torch.Tensor, jobs: Sequence[HostJob]) -> Future[torch.Tensor]:
+        """Start ``jobs`` of MoE layer ``layer`` on ``hidden [T, H]`` (CPU); returns a future of the weighted
+        sum ``[T, H]`` fp32 (CPU). Jobs of successive submits run in order."""
+        if hidden.device.type != "cpu":
+            raise ConfigError(f"hidden is on {hidden.device}; copy the layer's tokens to the CPU before submit")
+        return self._driver.submit(self.run, layer, hidden, list(jobs))
+
+    def run(self, layer: int, hidden: torch.Tensor, jobs: Sequence[HostJob]) -> torch.Tensor:
+        """`submit`'s work, on the calling thread (its matrix products still use the worker threads)."""
+        out = torch.zeros(hidden.shape, dtype=torch.float32)  # [T, H]
+        x = hidden.float()
+        for job in jobs:
+            y = self.expert(layer, job.expert, x[job.tokens])  # [n, H]
+            out.index_add_(0, job.tokens, y * job.weights[:, None])
+        return out
+
+    def expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on ``x [n, H]`` fp32 -> ``[n, H]`` fp32."""
+        t = self.store.read(layer, expert)
+        if self.dequantize is not None:
+            t = self.dequantize(t)
+        fmt: ExpertFormat = self.store.fmt
+        h = self.linear(t["w1"], x)  # [n, N1]
+        if fmt.has_bias:
+            h += t["b1"].float()
+        act = _activate(fmt, h).to(t["w2"].dtype).float()  # rounded like the eager model's down input
+        y = self.linear(t["w2"], act)  # [n, H]
+        if fmt.has_bias:
+            y += t["b2"].float()
+        return y
+
+    # ---- matrix products -----------------------------------------------------------------------------
+    def linear(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, K] fp32 @ w [N, K].T -> [B, N] fp32``, output rows split over the worker threads."""
+        x = x.contiguous()
+        y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+        if w.dtype == torch.bfloat16 and self.kernel and x.shape[0] <= GEMV_MAX_TOKENS and w.stride(1) == 1:
+            part: Callable[[int, int], None] = lambda a, b: host_gemv.gemv_rows(w, x, y, a, b)  # noqa: E731
+        elif w.dtype == torch.float32:
+            part = lambda a, b: torch.mm(x, w[a:b].T, out=y[:, a:b]) if x.shape[0] > 1 else y[:, a:b].copy_(  # noqa: E731
+                F.linear(x, w[a:b]))
+        else:
+            part = lambda a, b: self._widened(w, x, y, a, b)  # noqa: E731
+        ranges = _split(w.shape[0], self.threads)
+        futures = [self._workers.submit(part, a, b) for a, b in ranges[1:]]
+        part(*ranges[0])  # the calling thread takes the first range
+        for f in futures:
+            f.result()
+        return y
+
+    def _widened(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n0: int, n1: int) -> None:
+        """Rows ``[n0, n1)`` by fp32 tiles of ``w``: widen a tile (stays in cache), multiply, next."""
+        rows = max(1, TILE_ELEMENTS // w.shape[1])
+        tile = getattr(self._local, "tile", None)
+        if tile is None or tile.numel() < rows * w.shape[1]:
+            tile = self._local.tile = torch.empty(rows * w.shape[1], dtype=torch.float32)
+        for a in range(n0, n1, rows):
+            b = min(a + rows, n1)
+            t = tile[: (b - a) * w.shape[1]].view(b - a, w.shape[1])
+            t.copy_(w[a:b])
+            y[:, a:b] = x @ t.T
+
+
+def _activate(fmt: ExpertFormat, h: torch.Tensor) -> torch.Tensor:
+    """The expert's activation on ``h [n, N1]`` (gate rows first when gated), as `expert_forward` applies it."""
+    if not fmt.glu:
+        return _ELEMENTWISE[fmt.activation](h)
+    gate, up = h[:, : fmt.intermediate_size], h[:, fmt.intermediate_size :]
+    if fmt.activation == "gpt_oss":
+        gate = gate.clamp(max=fmt.swiglu_limit)
+        up = up.clamp(min=-fmt.swiglu_limit, max=fmt.swiglu_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * fmt.swiglu_alpha))
+    return _ELEMENTWISE[fmt.activation](gate) * up
+
+
+_ELEMENTWISE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}

@@ -1,0 +1,83 @@
+/* bf16 weights x fp32 tokens on the host CPU (AVX2 + FMA), for experts computed where their weights are.
+ *
+ * y[b, n] = sum_k w[n, k] * x[b, k]   for rows n in [n0, n1), tokens b in [0, B)
+ *
+ * w is bf16 (the upper 16 bits of an fp32), row stride ldw; x, y are fp32 with row strides ldx, ldy. Four
+ * weight rows are streamed together (four independent FMA chains, four prefetch streams); each block of rows
+ * is reused from L1 for every token, so DRAM reads every weight once whatever B is. A bf16 widens to fp32 by a
+ * 16-bit left shift, which is exact, and sums accumulate in fp32.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline __m256 widen8(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float widen1(uint16_t v) {
+    union { uint32_t u; float f; } c = { (uint32_t)v << 16 };
+    return c.f;
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+static float row_dot(const uint16_t *w, const float *x, long K) {
+    __m256 a = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(widen8(w + k), _mm256_loadu_ps(x + k), a);
+    float s = hsum(a);
+    for (; k < K; k++) s += widen1(w[k]) * x[k];
+    return s;
+}
+
+void prophet_gemv_bf16(const uint16_t *w, long ldw, const float *x, long ldx, float *y, long ldy, long B, long K,
+                       long n0, long n1) {
+    long n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const uint16_t *r0 = w + n * ldw, *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
+        for (long b = 0; b < B; b++) {
+            const float *xb = x + b * ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            long k = 0;
+            for (; k + 8 <= K; k += 8) {
+                __m256 xv = _mm256_loadu_ps(xb + k);
+                a0 = _mm256_fmadd_ps(widen8(r0 + k), xv, a0);
+                a1 = _mm256_fmadd_ps(widen8(r1 + k), xv, a1);
+                a2 = _mm256_fmadd_ps(widen8(r2 + k), xv, a2);
+                a3 = _mm256_fmadd_ps(widen8(r3 + k), xv, a3);
+            }
+            float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+            for (; k < K; k++) {
+                s0 += widen1(r0[k]) * xb[k];
+                s1 += widen1(r1[k]) * xb[k];
+                s2 += widen1(r2[k]) * xb[k];
+                s3 += widen1(r3[k]) * xb[k];
+            }
+            float *yb = y + b * ldy + n;
+            yb[0] = s0; yb[1] = s1; yb[2] = s2; yb[3] = s3;
+        }
+    }
+    for (; n < n1; n++)
+        for (long b = 0; b < B; b++) y[b * ldy + n] = row_dot(w + n * ldw, x + b * ldx, K);
+}
+
+/* Sum of n fp32 values with four independent chains: the host's read bandwidth, nothing else. */
+double prophet_read_f32(const float *p, long n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+        a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+        a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+        a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+    }
+    double s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) s += p[i];
+    return s;
+}
