@@ -81,3 +81,10 @@ double prophet_read_f32(const float *p, long n) {
     for (; i < n; i++) s += p[i];
     return s;
 }
+
+/* dst[i] = widen(src[i]) for i < n: bf16 tiles to fp32 for the fp32 matrix product of larger batches. */
+void prophet_widen_bf16(const uint16_t *src, float *dst, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, widen8(src + i));
+    for (; i < n; i++) dst[i] = widen1(src[i]);
+}

@@ -67,6 +67,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.prophet_gemv_bf16.argtypes = [_P, _L, _P, _L, _P, _L, _L, _L, _L, _L]
     lib.prophet_gemv_bf16.restype = None
+    lib.prophet_widen_bf16.argtypes = [_P, _P, _L]
+    lib.prophet_widen_bf16.restype = None
     lib.prophet_read_f32.argtypes = [_P, _L]
     lib.prophet_read_f32.restype = ctypes.c_double
     return lib
@@ -83,6 +85,13 @@ def gemv_rows(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n0: int, n1: in
     assert lib is not None, "call available() first"
     lib.prophet_gemv_bf16(w.data_ptr(), w.stride(0), x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
                           x.shape[0], w.shape[1], n0, n1)
+
+
+def widen(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for contiguous bf16 ``src`` and fp32 ``dst`` of the same size (exact), in AVX2."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    lib.prophet_widen_bf16(src.data_ptr(), dst.data_ptr(), src.numel())
 
 
 def read_f32(t: torch.Tensor) -> float:

@@ -1,0 +1,151 @@
+"""How fast the host computes missed experts, as a share of this host's read bandwidth measured in the same run.
+
+Each round measures, back to back: the read bandwidth (the faster of a streaming fp32 sum on the same threads
+and torch's fp32 matrix-vector product, over a buffer 8x the L3), then for every batch size the host expert
+path (`prophet.host_experts`, two experts of one layer, every token routed to both) and torch's bf16
+expert (`expert_forward` in bf16, what eager transformers runs on a CPU). A round's ratios use that round's
+bandwidth; the report gives the median and spread over rounds (5 agents share 2 cores here: single timings
+are noisy). Effective bandwidth = expert bytes streamed / time.
+
+Target (issue 17): at batch 1 the host path streams weights at >= 0.8 of the read bandwidth; the script exits
+non-zero when the median misses it.
+
+    python experiments/host_experts_bench.py --out experiments/results/host_experts_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from prophet import host_gemv
+from prophet.host_experts import HostExperts, HostJob
+from prophet.models.adapter import ExpertFormat, expert_forward
+from prophet.provenance import git_sha, versions
+from prophet.store import HostStore
+
+TARGET = 0.8
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def read_gb_s(buf: torch.Tensor, threads: int, pool: ThreadPoolExecutor, repeats: int) -> dict[str, float]:
+    """Read bandwidth of ``buf`` (fp32, contiguous) on ``threads`` threads by two readers; GB/s each."""
+    out = {}
+    if host_gemv.available():
+        parts = buf.chunk(threads)
+
+        def stream() -> None:
+            for f in [pool.submit(host_gemv.read_f32, p) for p in parts]:
+                f.result()
+
+        out["stream_sum"] = buf.numel() * 4 / _time(stream, repeats) / 1e9
+    mat = buf.view(-1, 4096)
+    vec = torch.randn(4096)
+    torch.set_num_threads(threads)
+    out["torch_fp32_mv"] = buf.numel() * 4 / _time(lambda: torch.mv(mat, vec), repeats) / 1e9
+    torch.set_num_threads(1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--batches", default="1,2,4,8,16,32,64")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    torch.set_num_threads(1)
+
+    fmt = ExpertFormat(args.hidden, args.intermediate)
+    store = HostStore(1, 2, fmt, torch.bfloat16, pin=False)
+    gen = torch.Generator().manual_seed(0)
+    for e in range(2):
+        store.write(0, e, {n: torch.randn(s, generator=gen) * 0.02 for n, s in fmt.shapes.items()})
+    expert_bytes = store.slab_bytes
+    l3 = 32 << 20
+    buf = torch.randn(max(8 * l3, 2 * expert_bytes) // 4)  # fp32, far beyond the caches
+    pool = ThreadPoolExecutor(max(thread_counts))
+
+    rows: dict[tuple[int, int], dict[str, list[float]]] = {}
+    reads: dict[int, list[dict[str, float]]] = {t: [] for t in thread_counts}
+    for _ in tqdm(range(args.rounds), desc="rounds"):
+        for threads in thread_counts:
+            read = read_gb_s(buf, threads, pool, args.repeats)
+            reads[threads].append(read)
+            bw = max(read.values())
+            with HostExperts(store, threads=threads) as host:
+                for b in batches:
+                    x = torch.randn(b, fmt.hidden_size).bfloat16().float()
+                    jobs = [HostJob(e, torch.arange(b), torch.full((b,), 0.5)) for e in range(2)]
+                    t_host = _time(lambda: host.run(0, x, jobs), args.repeats)  # noqa: B023
+                    torch.set_num_threads(threads)
+                    xb = x.bfloat16()
+                    t_torch = _time(lambda: [expert_forward(fmt, store.read(0, e), xb) for e in range(2)],  # noqa: B023
+                                    args.repeats)
+                    torch.set_num_threads(1)
+                    r = rows.setdefault((threads, b), {k: [] for k in ("host_gb_s", "torch_gb_s", "host_share",
+                                                                          "torch_share", "host_vs_torch")})
+                    r["host_gb_s"].append(2 * expert_bytes / t_host / 1e9)
+                    r["torch_gb_s"].append(2 * expert_bytes / t_torch / 1e9)
+                    r["host_share"].append(2 * expert_bytes / t_host / 1e9 / bw)
+                    r["torch_share"].append(2 * expert_bytes / t_torch / 1e9 / bw)
+                    r["host_vs_torch"].append(t_torch / t_host)
+
+    def summary(values: list[float]) -> dict[str, float]:
+        return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+                "max": round(max(values), 3)}
+
+    table = [{"threads": t, "batch": b, **{k: summary(v) for k, v in r.items()}} for (t, b), r in rows.items()]
+    read_table = {t: {k: summary([r[k] for r in rs]) for k in rs[0]} for t, rs in reads.items()}
+    ok = all(row["host_share"]["median"] >= TARGET for row in table if row["batch"] == 1 and
+             row["threads"] == max(thread_counts))
+    record = {
+        "what": "host expert path (bf16 weights, fp32 accumulate) vs this host's read bandwidth measured in the "
+                "same round; two experts per call, every token routed to both; median/min/max over rounds",
+        "target": f"batch 1 on {max(thread_counts)} threads: host_share >= {TARGET}",
+        "met": ok,
+        "expert": {"hidden": fmt.hidden_size, "intermediate": fmt.intermediate_size, "glu": True,
+                   "bytes": expert_bytes, "dtype": "bfloat16"},
+        "kernel": "prophet.host_gemv (AVX2)" if host_gemv.available() else "torch (kernel unavailable)",
+        "rounds": args.rounds, "repeats": args.repeats,
+        "read_gb_s": read_table,
+        "rows": table,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "versions": versions(), "git": git_sha(),
+    }
+    for row in table:
+        print(f"threads {row['threads']} batch {row['batch']:>3}: host {row['host_gb_s']['median']:6.2f} GB/s "
+              f"({row['host_share']['median']:.2f} of read), torch bf16 {row['torch_share']['median']:.2f}, "
+              f"host/torch speed {row['host_vs_torch']['median']:.2f}x")
+    print(json.dumps({"read_gb_s": read_table, "met": ok}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
