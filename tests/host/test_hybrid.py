@@ -85,3 +85,15 @@ def test_config_on_miss_and_host_threads_are_validated() -> None:
         ProphetConfig(on_miss="cpu")
     with pytest.raises(ConfigError, match="host_threads"):
         ProphetConfig(host_threads=0)
+
+
+def test_measured_host_bandwidth_replaces_the_profiles(tmp_path) -> None:
+    """A host-experts benchmark result calibrates host_gb_s, and with it the host side of the decision."""
+    path = tmp_path / "host.json"
+    path.write_text('{"read_gb_s": {"1": {"stream_sum": {"median": 6.1}}, "2": {"stream_sum": {"median": 9.5}, '
+                    '"torch_fp32_mv": {"median": 7.0}}}}')
+    profile = get_profile("rtx-4090").calibrated(path, base="rtx-4090")
+    assert profile.host_gb_s == 9.5 and "host_gb_s (read)" in profile.notes
+    slow = CostModel(get_spec("mixtral-8x7b"), profile, context=8192)
+    assert slow.miss_costs().host_fixed_s > _costs("rtx-4090")[0].host_fixed_s
+    assert decide({1: 1}, slow.miss_costs(), slow.layer_seconds(2, 1)).choices == {1: Choice.COPY}  # 37 ms > copy
