@@ -406,7 +406,7 @@ def _report(sim: dict[str, Any], file: Any) -> None:
             line += f"  {r['of_bound']:.0%} of the bound"
         if r.get("sim_tokens_per_s") is not None:
             line += f"  (simulated: hit {r['sim_hit_rate']:.3f}, {r['sim_tokens_per_s']:.2f} tok/s)"
-        if r.get("prefetches", 0) or r.get("held_back", 0):
+        if "held_back" in r and (r["prefetches"] or r["held_back"]):  # measured runs count what the budget held back
             line += (f"  prefetched {r['prefetches']} ({r['prefetch_hits']} used), "
                      f"{r['held_back']} predictions held back by the link budget")
         print(line, file=file)

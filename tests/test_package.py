@@ -58,3 +58,28 @@ def test_bad_cache_config_names_the_field(kwargs, words):
 def test_unknown_field_is_refused():
     with pytest.raises(ConfigError, match="unknown field"):
         CacheConfig.from_dict({"slots": 3})
+
+
+def test_ci_lowest_versions_are_the_lower_bounds_of_the_pins():
+    """CI's second run installs .ci/lowest.txt: each pin's lower bound is a version CI has run."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    lower = {}
+    for dep in deps:
+        m = re.match(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", dep)
+        assert m, f"{dep}: every dependency needs a lower bound"
+        lower[m[1].lower()] = m[2]
+    pinned = dict(
+        line.split("==") for line in (root / ".ci/lowest.txt").read_text().splitlines() if "==" in line
+    )
+    for name, bound in lower.items():
+        if name == "torch":  # CI installs the one local CPU build, torch==2.13.0, in both runs
+            assert bound == "2.13"
+            continue
+        assert pinned[name].split(".")[: len(bound.split("."))] == bound.split("."), (
+            f"{name}: pyproject's lower bound {bound} differs from .ci/lowest.txt's {pinned[name]}"
+        )
