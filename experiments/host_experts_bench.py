@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -66,6 +67,15 @@ def read_gb_s(buf: torch.Tensor, threads: int, pool: ThreadPoolExecutor, repeats
     return out
 
 
+def llama_experts(python: str, fmt: ExpertFormat, threads: int) -> dict:
+    """llama.cpp's expert seconds per token on ``fmt``'s shape, from `llamacpp_experts.py` run by ``python``."""
+    script = Path(__file__).with_name("llamacpp_experts.py")
+    cmd = [python, str(script), "--hidden", str(fmt.hidden_size), "--intermediate", str(fmt.intermediate_size),
+           "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=4096)
@@ -74,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
+    p.add_argument("--llama-python", default=None,
+                   help="a Python with llama-cpp-python and gguf: time llama.cpp's CPU backend on the same experts "
+                        "(experiments/llamacpp_experts.py) in every round")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -92,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[tuple[int, int], dict[str, list[float]]] = {}
     reads: dict[int, list[dict[str, float]]] = {t: [] for t in thread_counts}
+    llama: dict[int, dict[str, list[float]]] = {t: {"llama_gb_s": [], "llama_share": [], "host_vs_llama": []}
+                                                for t in thread_counts}
+    llama_versions: dict[str, str] = {}
     for _ in tqdm(range(args.rounds), desc="rounds"):
         for threads in thread_counts:
             read = read_gb_s(buf, threads, pool, args.repeats)
@@ -114,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
                     r["host_share"].append(2 * expert_bytes / t_host / 1e9 / bw)
                     r["torch_share"].append(2 * expert_bytes / t_torch / 1e9 / bw)
                     r["host_vs_torch"].append(t_torch / t_host)
+                    if b == 1 and args.llama_python:
+                        lc = llama_experts(args.llama_python, fmt, threads)
+                        llama_versions = lc["versions"]
+                        lt = llama[threads]
+                        lt["llama_gb_s"].append(2 * expert_bytes / lc["experts_s"] / 1e9)
+                        lt["llama_share"].append(2 * expert_bytes / lc["experts_s"] / 1e9 / bw)
+                        lt["host_vs_llama"].append(lc["experts_s"] / t_host)
 
     def summary(values: list[float]) -> dict[str, float]:
         return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
@@ -134,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds, "repeats": args.repeats,
         "read_gb_s": read_table,
         "rows": table,
+        "llama_cpp": {"what": "llama.cpp CPU backend, same expert shape, bf16 GGUF, batch 1 (2 of 8 experts per "
+                              "token): expert time = decode time minus that of the same model with tiny experts; "
+                              "host_vs_llama = llama.cpp expert time / host path time in the same round",
+                      "versions": llama_versions,
+                      "by_threads": {t: {k: summary(v) for k, v in r.items()} for t, r in llama.items() if r["llama_gb_s"]}},
         "cpu": torch.backends.cpu.get_cpu_capability(),
         "versions": versions(), "git": git_sha(),
     }
@@ -141,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"threads {row['threads']} batch {row['batch']:>3}: host {row['host_gb_s']['median']:6.2f} GB/s "
               f"({row['host_share']['median']:.2f} of read), torch bf16 {row['torch_share']['median']:.2f}, "
               f"host/torch speed {row['host_vs_torch']['median']:.2f}x")
+    for t, r in record["llama_cpp"]["by_threads"].items():
+        print(f"threads {t} batch   1: llama.cpp {r['llama_gb_s']['median']:6.2f} GB/s ({r['llama_share']['median']:.2f} "
+              f"of read); host path / llama.cpp speed {r['host_vs_llama']['median']:.2f}x")
     print(json.dumps({"read_gb_s": read_table, "met": ok}))
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
