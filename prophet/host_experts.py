@@ -3,8 +3,9 @@
 At batch 1 a missed expert sees about one token: reading its weights once from host DRAM (a few ms on a server
 socket) beats copying them over PCIe. `HostExperts.submit` queues one layer's host experts and returns a
 future at once; the work runs on CPU threads that release the GIL (ctypes kernel calls and torch ops), so the
-Python thread goes on launching the resident experts on the GPU. The future's result is the host experts'
-weighted sum ``[T, H]`` fp32 on the CPU; the caller copies it to the device and adds it to the layer's output.
+Python thread goes on launching the resident experts on the GPU. The future's result (`HostResult`) holds the
+host experts' weighted sum ``[T, H]`` fp32 on the CPU, which the caller copies to the device and adds to the
+layer's output, and each expert's time, which feeds the costs the next decisions weigh.
 
 Arithmetic per expert follows `prophet.models.adapter.expert_forward` with fp32 accumulation: ``h = w1 x + b1``
 in fp32, the activation in fp32, ``a`` rounded to the weight dtype (as the eager model rounds it before the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +64,18 @@ class HostJob:
     expert: int
     tokens: torch.Tensor
     weights: torch.Tensor
+
+
+@dataclass(frozen=True)
+class HostResult:
+    """What a submitted layer returns.
+
+    out      fp32 [T, H]   weighted sum of the host experts' outputs (zero rows for tokens they do not see)
+    timings  (tokens, seconds) per expert, in job order: for `prophet.hybrid.RunningCosts.observe_host`
+    """
+
+    out: torch.Tensor
+    timings: list[tuple[int, float]]
 
 
 def jobs_for(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: Sequence[int]) -> list[HostJob]:
@@ -118,21 +132,24 @@ class HostExperts:
         self._workers.shutdown(wait=True)
 
     # ---- the API the step calls ----------------------------------------------------------------------
-    def submit(self, layer: int, hidden: torch.Tensor, jobs: Sequence[HostJob]) -> Future[torch.Tensor]:
+    def submit(self, layer: int, hidden: torch.Tensor, jobs: Sequence[HostJob]) -> Future[HostResult]:
         """Start ``jobs`` of MoE layer ``layer`` on ``hidden [T, H]`` (CPU); returns a future of the weighted
-        sum ``[T, H]`` fp32 (CPU). Jobs of successive submits run in order."""
+        sum ``[T, H]`` fp32 (CPU) with per-expert timings. Jobs of successive submits run in order."""
         if hidden.device.type != "cpu":
             raise ConfigError(f"hidden is on {hidden.device}; copy the layer's tokens to the CPU before submit")
         return self._driver.submit(self.run, layer, hidden, list(jobs))
 
-    def run(self, layer: int, hidden: torch.Tensor, jobs: Sequence[HostJob]) -> torch.Tensor:
+    def run(self, layer: int, hidden: torch.Tensor, jobs: Sequence[HostJob]) -> HostResult:
         """`submit`'s work, on the calling thread (its matrix products still use the worker threads)."""
         out = torch.zeros(hidden.shape, dtype=torch.float32)  # [T, H]
         x = hidden.float()
+        timings = []
         for job in jobs:
+            start = time.perf_counter()
             y = self.expert(layer, job.expert, x[job.tokens])  # [n, H]
             out.index_add_(0, job.tokens, y * job.weights[:, None])
-        return out
+            timings.append((len(job.tokens), time.perf_counter() - start))
+        return HostResult(out, timings)
 
     def expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on ``x [n, H]`` fp32 -> ``[n, H]`` fp32."""

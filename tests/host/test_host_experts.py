@@ -55,7 +55,9 @@ def test_fp32_equals_reference(fmt: ExpertFormat, tokens: int, threads: int) -> 
     idx, w = _routing(tokens, gen)
     experts = [0, 2, 5]
     with HostExperts(store, threads=threads) as host:
-        out = host.submit(1, x, jobs_for(idx, w, experts)).result()
+        result = host.submit(1, x, jobs_for(idx, w, experts)).result()
+    out = result.out
+    assert [n for n, _ in result.timings] == [int((idx == e).sum()) for e in experts]
     ref = _reference(store, 1, x, idx, w, experts, torch.float64)
     assert out.dtype == torch.float32 and out.shape == x.shape
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -75,7 +77,7 @@ def test_bf16_error_no_worse_than_eager_bf16(fmt: ExpertFormat, tokens: int, ker
     idx, w = _routing(tokens, gen)
     experts = [1, 3, 4]
     with HostExperts(store, threads=2, use_kernel=kernel) as host:
-        out = host.submit(0, x, jobs_for(idx, w, experts)).result()
+        out = host.submit(0, x, jobs_for(idx, w, experts)).result().out
     ref = _reference(store, 0, x, idx, w, experts, torch.float64)
     eager = _reference(store, 0, x, idx, w, experts, torch.bfloat16)
     err, eager_err = (out.double() - ref).abs().max().item(), (eager - ref).abs().max().item()
@@ -105,10 +107,10 @@ def test_submit_returns_at_once_and_orders_layers() -> None:
     job = HostJob(1, torch.tensor([0, 1]), torch.tensor([1.0, 0.5]))
     with HostExperts(store, threads=2) as host:
         futures = [host.submit(layer, x, [job]) for layer in (0, 1)]
-        outs = [f.result() for f in futures]
+        outs = [f.result().out for f in futures]
         assert not torch.equal(outs[0], outs[1])
-        torch.testing.assert_close(outs[1], host.run(1, x, [job]))
-        assert host.submit(0, x, []).result().abs().sum() == 0
+        torch.testing.assert_close(outs[1], host.run(1, x, [job]).out)
+        assert host.submit(0, x, []).result().out.abs().sum() == 0
 
 
 def test_bad_input_raises() -> None:
