@@ -67,6 +67,41 @@ def read_gb_s(buf: torch.Tensor, threads: int, pool: ThreadPoolExecutor, repeats
     return out
 
 
+def _python_work(n: int) -> None:
+    """Pure-Python work that holds the GIL throughout, like a thread launching GPU kernels."""
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+
+
+_MM = torch.randn(256, 256)
+
+
+def _gil_free_work(n: int) -> None:
+    """Control: torch matmuls, which release the GIL (what the machine allows when nothing holds it)."""
+    for _ in range(n):
+        _MM @ _MM
+
+
+def overlap(host: HostExperts, x: torch.Tensor, jobs: list[HostJob], repeats: int) -> dict[str, float]:
+    """(host alone + other alone) / (both at once, host submitted first), the other work sized to take as long:
+    2 when they run fully in parallel, 1 when serialized. Beside Python work (holds the GIL) and, as the
+    control, GIL-free torch work: equal ratios mean the GIL costs nothing and only the cores limit."""
+    t_host = _time(lambda: host.run(0, x, jobs), repeats)
+    out = {}
+    for name, work, n0 in (("python", _python_work, 200_000), ("control_gil_free", _gil_free_work, 50)):
+        n = max(1, int(n0 * t_host / _time(lambda: work(n0), 1)))  # noqa: B023
+        t_other = _time(lambda: work(n), repeats)  # noqa: B023
+
+        def both() -> None:
+            future = host.submit(0, x, jobs)
+            work(n)  # noqa: B023
+            future.result()
+
+        out[name] = (t_host + t_other) / _time(both, repeats)
+    return out
+
+
 def llama_experts(python: str, fmt: ExpertFormat, threads: int) -> dict:
     """llama.cpp's expert seconds per token on ``fmt``'s shape, from `llamacpp_experts.py` run by ``python``."""
     script = Path(__file__).with_name("llamacpp_experts.py")
@@ -108,12 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     llama: dict[int, dict[str, list[float]]] = {t: {"llama_gb_s": [], "llama_share": [], "host_vs_llama": []}
                                                 for t in thread_counts}
     llama_versions: dict[str, str] = {}
+    overlaps: list[dict[str, float]] = []
     for _ in tqdm(range(args.rounds), desc="rounds"):
         for threads in thread_counts:
             read = read_gb_s(buf, threads, pool, args.repeats)
             reads[threads].append(read)
             bw = max(read.values())
             with HostExperts(store, threads=threads) as host:
+                if threads == 1:
+                    x1 = torch.randn(1, fmt.hidden_size)
+                    overlaps.append(overlap(host, x1, [HostJob(e, torch.arange(1), torch.ones(1)) for e in range(2)],
+                                            args.repeats))
                 for b in batches:
                     x = torch.randn(b, fmt.hidden_size).bfloat16().float()
                     jobs = [HostJob(e, torch.arange(b), torch.full((b,), 0.5)) for e in range(2)]
@@ -157,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds, "repeats": args.repeats,
         "read_gb_s": read_table,
         "rows": table,
+        "gil_overlap": {"what": "batch 1 on 1 host thread beside main-thread work of equal length: (alone + alone) "
+                                "/ together; 2 = fully parallel, 1 = serialized; python holds the GIL, the control "
+                                "releases it",
+                        **{k: summary([o[k] for o in overlaps]) for k in overlaps[0]}} if overlaps else None,
         "llama_cpp": {"what": "llama.cpp CPU backend, same expert shape, bf16 GGUF, batch 1 (2 of 8 experts per "
                               "token): expert time = decode time minus that of the same model with tiny experts; "
                               "host_vs_llama = llama.cpp expert time / host path time in the same round",
@@ -172,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     for t, r in record["llama_cpp"]["by_threads"].items():
         print(f"threads {t} batch   1: llama.cpp {r['llama_gb_s']['median']:6.2f} GB/s ({r['llama_share']['median']:.2f} "
               f"of read); host path / llama.cpp speed {r['host_vs_llama']['median']:.2f}x")
+    if overlaps:
+        print("GIL: host path beside main-thread work, overlap (2 = fully parallel): " + ", ".join(
+            f"{k} {statistics.median([o[k] for o in overlaps]):.2f}" for k in overlaps[0]))
     print(json.dumps({"read_gb_s": read_table, "met": ok}))
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
