@@ -15,10 +15,11 @@ import argparse
 import json
 import statistics
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import gguf
+import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
@@ -89,6 +90,13 @@ def decode_seconds(path: Path, threads: int, tokens: int) -> float:
     return statistics.median(times)
 
 
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:  # gguf-py from the llama.cpp source tree, not installed
+        return "source tree"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=4096)
@@ -110,7 +118,7 @@ def main() -> None:
     print(json.dumps({
         "full_s": t_full, "base_s": t_base, "experts_s": max(t_full - t_base, 1e-9),
         "experts_per_token": TOP_K, "expert_bytes": expert_bytes, "threads": args.threads,
-        "versions": {"llama_cpp_python": version("llama-cpp-python"), "gguf": version("gguf")},
+        "versions": {"llama_cpp_python": llama_cpp.__version__, "gguf": _version("gguf")},
     }))
 
 

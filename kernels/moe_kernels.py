@@ -3,6 +3,11 @@
 Imported only on the first Triton launch, never at package import: Triton may be missing, and
 ``TRITON_INTERPRET`` is read when the decorators run, so a late import honours a late setting.
 
+Weights are read through `_load_weight`: dense tiles as stored, quantized ones (int8, int4, fp8 e4m3, mxfp4;
+codes in `prophet.formats.KERNEL_CODES`) dequantized in registers from the slot's bytes and its scales, with
+the arithmetic of `prophet.formats.dequantize` (fp8 and e2m1 are decoded from their bits, so the interpreter
+runs every format).
+
 `align_kernel` groups the (token, k) pairs by slot for the prefill path in one launch. Both GEMMs handle one
 group of pair rows that share a cache slot per program, in one of two modes:
   decode (DECODE=True): no align step; program ``p`` owns the slot of pair ``p`` if ``p`` is that slot's
@@ -22,6 +27,13 @@ GELU: tl.constexpr = tl.constexpr(1)
 GELU_TANH: tl.constexpr = tl.constexpr(2)
 RELU: tl.constexpr = tl.constexpr(3)
 GPT_OSS: tl.constexpr = tl.constexpr(4)
+
+# Weight formats (constexpr), `prophet.formats.KERNEL_CODES`.
+DENSE: tl.constexpr = tl.constexpr(0)
+INT8: tl.constexpr = tl.constexpr(1)
+INT4: tl.constexpr = tl.constexpr(2)
+FP8: tl.constexpr = tl.constexpr(3)
+MXFP4: tl.constexpr = tl.constexpr(4)
 
 
 @triton.jit
@@ -55,6 +67,37 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_weight(w_ptr, s_ptr, rows, cols, mask, stride_wn, stride_sn,
+                 WFMT: tl.constexpr, SB_ROWS: tl.constexpr, SB_COLS: tl.constexpr):
+    """Tile ``w[rows, cols]`` of one slot (``w_ptr``/``s_ptr`` at the slot): dense as stored, else fp32 values x
+    scales, one scale per ``SB_ROWS x SB_COLS`` block. ``rows`` and ``cols`` broadcast to the tile's shape."""
+    if WFMT == DENSE:
+        w = tl.load(w_ptr + rows * stride_wn + cols, mask=mask, other=0.0)
+    else:
+        if WFMT == INT4 or WFMT == MXFP4:
+            byte = tl.load(w_ptr + rows * stride_wn + cols // 2, mask=mask, other=0).to(tl.int32)
+            code = (byte >> ((cols % 2) * 4)) & 15  # the even column in the low nibble
+        else:
+            code = tl.load(w_ptr + rows * stride_wn + cols, mask=mask, other=0).to(tl.int32)  # int8 loads signed
+        scale = tl.load(s_ptr + (rows // SB_ROWS) * stride_sn + cols // SB_COLS, mask=mask, other=0).to(tl.float32)
+        if WFMT == INT8:
+            w = code.to(tl.float32) * scale
+        elif WFMT == INT4:
+            w = (code - 8).to(tl.float32) * scale
+        elif WFMT == FP8:
+            exp = (code >> 3) & 15  # e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits
+            man = (code & 7).to(tl.float32)
+            mag = tl.where(exp == 0, man * 0.001953125, (8.0 + man) * tl.exp2((exp - 10).to(tl.float32)))
+            w = tl.where(code >= 128, -mag, mag) * scale
+        else:
+            exp = (code >> 1) & 3  # e2m1: sign, 2 exponent bits (bias 1), 1 mantissa bit; scale is e8m0
+            man = (code & 1).to(tl.float32)
+            mag = tl.where(exp == 0, man * 0.5, (2.0 + man) * tl.exp2((exp - 2).to(tl.float32)))
+            w = tl.where(code >= 8, -mag, mag) * tl.exp2(scale - 127.0)
+    return w
+
+
+@triton.jit
 def _activate(g, ACT: tl.constexpr):
     """Elementwise activation in fp32 (gpt_oss is handled by the caller: it needs gate and up)."""
     if ACT == SILU:
@@ -72,9 +115,10 @@ def _activate(g, ACT: tl.constexpr):
 @triton.jit
 def gate_up_kernel(
     x_ptr,  # hidden [T, H]
-    w_ptr,  # w1 [S, N1, H], inner stride 1
+    w_ptr,  # w1 [S, N1, H] (quantized: [S, N1, H bytes]), inner stride 1
+    s_ptr,  # w1 scales [S, N1/SB_ROWS, H/SB_COLS] (unused when dense)
     b_ptr,  # b1 [S, N1] (unused without HAS_BIAS)
-    act_ptr,  # out: act [P, I], weight dtype
+    act_ptr,  # out: act [P, I], activation dtype
     slot_ptr,  # slot ids [P]
     sorted_ptr,  # prefill: sorted pairs [NB*BLOCK_M]
     block_slot_ptr,  # prefill: slot per block [NB]
@@ -85,6 +129,8 @@ def gate_up_kernel(
     stride_xt,
     stride_ws,
     stride_wn,
+    stride_ss,
+    stride_sn,
     stride_bs,
     stride_at,
     limit,
@@ -94,6 +140,9 @@ def gate_up_kernel(
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
+    WFMT: tl.constexpr,
+    SB_ROWS: tl.constexpr,
+    SB_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -107,20 +156,22 @@ def gate_up_kernel(
     n_mask = offs_n < inter
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    g_ptrs = w_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
-    u_ptrs = g_ptrs + inter * stride_wn
+    w_slot = w_ptr + slot * stride_ws
+    s_slot = s_ptr + slot * stride_ss
+    rows = offs_n[None, :]  # [1, BLOCK_N] gate rows; up rows are inter further
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k_mask = offs_k < hidden - k0
         x = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        acc_g = _mma(x, tl.load(g_ptrs, mask=w_mask, other=0.0), acc_g, IEEE)
+        cols = k0 + offs_k[:, None]  # [BLOCK_K, 1]
+        g = _load_weight(w_slot, s_slot, rows, cols, w_mask, stride_wn, stride_sn, WFMT, SB_ROWS, SB_COLS)
+        acc_g = _mma(x, g.to(x.dtype), acc_g, IEEE)
         if GLU:
-            acc_u = _mma(x, tl.load(u_ptrs, mask=w_mask, other=0.0), acc_u, IEEE)
+            u = _load_weight(w_slot, s_slot, rows + inter, cols, w_mask, stride_wn, stride_sn, WFMT, SB_ROWS, SB_COLS)
+            acc_u = _mma(x, u.to(x.dtype), acc_u, IEEE)
         x_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
     if HAS_BIAS:
         b_row = b_ptr + slot * stride_bs + offs_n
         acc_g += tl.load(b_row, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -142,7 +193,8 @@ def gate_up_kernel(
 @triton.jit
 def down_kernel(
     a_ptr,  # act [P, I]
-    w_ptr,  # w2 [S, H, I], inner stride 1
+    w_ptr,  # w2 [S, H, I] (quantized: [S, H, I bytes]), inner stride 1
+    s_ptr,  # w2 scales [S, H/SB_ROWS, I/SB_COLS] (unused when dense)
     b_ptr,  # b2 [S, H] (unused without HAS_BIAS)
     rw_ptr,  # router weights [P]
     y_ptr,  # out: y [SPLIT_K, P, H] fp32
@@ -156,12 +208,17 @@ def down_kernel(
     stride_at,
     stride_ws,
     stride_wn,
+    stride_ss,
+    stride_sn,
     stride_bs,
     stride_ys,
     stride_yp,
     DECODE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
+    WFMT: tl.constexpr,
+    SB_ROWS: tl.constexpr,
+    SB_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -177,15 +234,17 @@ def down_kernel(
     n_mask = offs_n < hidden
     offs_k = k_lo + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + pair.to(tl.int64)[:, None] * stride_at + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+    w_slot = w_ptr + slot * stride_ws
+    s_slot = s_ptr + slot * stride_ss
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k_mask = offs_k < k_hi - k0 + k_lo
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(a, w, acc, IEEE)
+        cols = (offs_k + (k0 - k_lo))[:, None]  # [BLOCK_K, 1]
+        w = _load_weight(w_slot, s_slot, offs_n[None, :], cols, k_mask[:, None] & n_mask[None, :], stride_wn, stride_sn,
+                         WFMT, SB_ROWS, SB_COLS)
+        acc = _mma(a, w.to(a.dtype), acc, IEEE)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
     if HAS_BIAS:
         bias = tl.load(b_ptr + slot * stride_bs + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += tl.where(split == 0, bias, 0.0)[None, :]  # the bias once, in the first split

@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
                    help="random weights: build the first N layers only (default: all whose experts fit in host RAM)")
     p.add_argument("--slots", type=int, default=None, help="expert slots for the whole model, instead of the plan's")
     p.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp16 or fp8")
+    p.add_argument("--expert-dtype", default=None, help="simulate experts stored quantized: int4, int8, fp8, mxfp4, "
+                   "or a modelled width: int2..int7, or <b>bit such as 2.6bit (default: bf16)")
     p.add_argument("--trace", default=None, help="router trace to replay or force (default: synthetic, for the "
                    "model's shape); with --weights real, the routing the predictor learns from")
     p.add_argument("--policy", default="lru,prophet", help="comma list: lru, lfu, fifo, belady, prophet")
@@ -180,7 +182,8 @@ def simulate(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: s
     fit = fit_trace(args, spec, trace, info) if _needs_predictor(args) else None
     sched = schedule(routes, args.batch, args.steps)
     slots = _slots(args, memory)
-    common = {"cache_slots": slots, "batch": args.batch, "context": memory.ctx, "sched": sched, "progress": progress}
+    common = {"cache_slots": slots, "batch": args.batch, "context": memory.ctx, "sched": sched, "progress": progress,
+              "expert_dtype": args.expert_dtype}
     results = []
     for name in _policies(args):
         policy, predictor = _policy_args(name, args)
@@ -188,8 +191,8 @@ def simulate(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: s
             predictor = make_predictor(predictor, fit, sched)
         r = replay(routes, spec, profile, policy=policy, predictor=predictor, **common)
         results.append({**r.to_dict(), "policy": name})
-    limits = bounds(spec, profile, args.batch, trace=routes, cache_slots=slots,
-                    context=memory.ctx, sched=sched, progress=progress)
+    limits = bounds(spec, profile, args.batch, trace=routes, cache_slots=slots, context=memory.ctx, sched=sched,
+                    progress=progress, expert_dtype=args.expert_dtype)
     if args.compare:
         resident = limits["all_resident"]
         results.append({"policy": "all-resident", "hit_rate": 1.0, "fits": memory.fits_all_resident,
@@ -226,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     profile, device_bytes, detected = _profile_name(args.gpu)
     hardware = get_profile(profile).to_dict()
     ctx = args.ctx or spec.context_length
-    memory = plan(spec, device_bytes or profile, ctx, args.batch, kv_dtype=args.kv_dtype)
+    memory = plan(spec, device_bytes or profile, ctx, args.batch, kv_dtype=args.kv_dtype, expert_dtype=args.expert_dtype)
     real_untraced = args.weights == "real" and args.trace is None
     trace, info = (None, None) if real_untraced else load_trace(args.trace, spec, not args.no_progress)
     if detected:
@@ -297,6 +300,9 @@ def measure(args: argparse.Namespace, spec: ModelSpec, memory: Plan, profile: st
         if policy == "belady" or predictor == "oracle":
             raise _UsageError(f"--policy {name}: {policy if policy == 'belady' else 'the oracle'} needs the future, "
                               "which a measured decode does not have; use --simulate for it")
+    if args.expert_dtype is not None:
+        raise _UsageError(f"--expert-dtype {args.expert_dtype}: measured decode runs the checkpoint's own dtype; "
+                          "simulate quantized experts with --simulate (prophet.wrap(expert_dtype=...) runs them)")
     if args.kv_dtype not in ("bf16", "bfloat16"):
         raise _UsageError(f"--kv-dtype {args.kv_dtype}: measured decode keeps the KV cache in the weights' dtype "
                           "(transformers' attention); plan and simulate other KV dtypes with --simulate")

@@ -14,7 +14,7 @@ import torch
 
 from prophet.errors import CapacityError
 from prophet.policies import EvictionPolicy, Key
-from prophet.store import HostStore, slab_views
+from prophet.store import HostStore
 from prophet.transfer import CopyEngine, Load
 
 
@@ -60,8 +60,8 @@ class SlotPool:
     """``num_slots`` device slots of one expert slab each, ``data [S, numel]``, with its own policy."""
 
     def __init__(self, num_slots: int, store: HostStore, device: torch.device, policy: EvictionPolicy) -> None:
-        self.data = torch.zeros((num_slots, store.fmt.numel), dtype=store.dtype, device=device)
-        self.views = slab_views(self.data, store.fmt)  # name -> [S, ...] strided views for the kernels
+        self.data = torch.zeros((num_slots, store.layout.numel), dtype=store.dtype, device=device)
+        self.views = store.layout.views(self.data)  # name -> [S, ...] strided views (values with their scales)
         self.slots = [_Slot() for _ in range(num_slots)]
         self.slot_of: dict[Key, int] = {}
         self.free = list(range(num_slots - 1, -1, -1))
@@ -120,7 +120,7 @@ class ExpertCache:
         return sum(p.data.numel() * p.data.element_size() for p in self.pools)
 
     def views(self, layer: int) -> dict[str, torch.Tensor]:
-        """Slot-indexed weight views of ``layer``'s pool (``w1 [S,N1,H]``, ``w2 [S,H,I]``, ...)."""
+        """Slot-indexed weight views of ``layer``'s pool (``w1 [S,N1,H]``, ``w2 [S,H,I]``, their scales, ...)."""
         return self.pool(layer).views
 
     def resident(self, layer: int, expert: int) -> bool:

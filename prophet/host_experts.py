@@ -15,9 +15,10 @@ down projection), ``y = w2 a + b2`` in fp32. Matrix products (`host_linear`):
         over the threads (weights stream from DRAM once, at the read bandwidth)
     bf16/fp16, more tokens: row tiles widened to fp32 and multiplied by torch (compute-bound there anyway)
     fp32: torch's fp32 matmul, rows split over the threads
-    other storage (quantized formats): ``dequantize(tensors) -> dense tensors`` given to `HostExperts`, then
-        the dense path; a format with its own fast host kernel plugs in by returning its tensors from
-        ``dequantize`` unchanged and registering in `LINEARS`.
+    quantized stores (`prophet.formats`: int8/int4/fp8/mxfp4): each expert dequantized by the format's
+        reference (`HostStore.read_canonical`) to the compute dtype, then the dense path. Correct for every
+        format, but it reads and writes a dense copy: a format's own host kernel (reading its bytes in
+        `host_linear`'s place) is what would keep it at the memory's speed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,15 +35,12 @@ import torch.nn.functional as F
 
 from prophet import envs, host_gemv
 from prophet.errors import ConfigError, DtypeError
-from prophet.models.adapter import ExpertFormat
+from prophet.formats import ExpertFormat
 from prophet.store import HostStore
 
 GEMV_MAX_TOKENS = 32  # the kernel re-widens weights per token pair; past this, widened tiles + torch matmul win (measured: the kernel is 1.5-3.6x faster up to 32 tokens)
 TILE_ELEMENTS = 1 << 18  # weights widened to fp32 per tile (1 MiB: stays in L2)
 ROW_ALIGN = 16  # thread row ranges start on multiples of this (whole cache lines of bf16 rows' starts)
-
-Tensors = Mapping[str, torch.Tensor]
-
 
 def default_threads() -> int:
     """``PROPHET_HOST_THREADS``, else the usable CPUs minus one (the Python thread that drives the GPU)."""
@@ -98,24 +96,23 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 class HostExperts:
     """Computes experts on ``threads`` CPU threads from ``store`` (any layer, any expert).
 
-    ``dequantize`` turns one expert's stored tensors (``store.read``) into dense ``w1, w2[, b1, b2]`` for
-    storage dtypes other than fp32/bf16/fp16. Call `close` (or use as a context manager) to stop the threads.
+    A quantized store's experts are dequantized by their format's reference first. Call `close` (or use as a
+    context manager) to stop the threads.
     """
 
     def __init__(
         self,
         store: HostStore,
         threads: int | None = None,
-        dequantize: Callable[[Tensors], Tensors] | None = None,
         use_kernel: bool = True,
     ) -> None:
         self.threads = threads if threads is not None else default_threads()
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ConfigError(f"threads={threads!r}: give a positive number of host threads (or None to detect)")
-        if store.dtype not in (torch.float32, torch.bfloat16, torch.float16) and dequantize is None:
-            raise DtypeError(f"host store holds {store.dtype}; pass dequantize= to compute its experts on the host")
+        if not store.weights.runnable:
+            raise DtypeError(f"host store holds {store.weights.name} experts, a width for modelling only; store "
+                             "them as bf16, fp16, fp32, int8, int4, fp8 or mxfp4")
         self.store = store
-        self.dequantize = dequantize
         self.kernel = use_kernel and host_gemv.available()
         self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="prophet-host")
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="prophet-host-driver")  # orders layer jobs
@@ -153,9 +150,7 @@ class HostExperts:
 
     def expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on ``x [n, H]`` fp32 -> ``[n, H]`` fp32."""
-        t = self.store.read(layer, expert)
-        if self.dequantize is not None:
-            t = self.dequantize(t)
+        t = self.store.read_canonical(layer, expert)
         fmt: ExpertFormat = self.store.fmt
         h = self.linear(t["w1"], x)  # [n, N1]
         if fmt.has_bias:

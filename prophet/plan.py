@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from prophet.errors import PlanError
+from prophet.formats import expert_nbytes, weight_format
 from prophet.models.adapter import MoELayer
 from prophet.models.registry import get_spec
 from prophet.models.spec import ModelSpec
@@ -154,20 +155,26 @@ class ModelSizes:
     kv_bytes: Callable[[int, torch.dtype, int], int]  # (ctx, kv dtype, batch) -> bytes
 
     @classmethod
-    def of_spec(cls, spec: ModelSpec, weight_dtype: torch.dtype | str = torch.bfloat16) -> ModelSizes:
+    def of_spec(cls, spec: ModelSpec, weight_dtype: torch.dtype | str = torch.bfloat16,
+                expert_dtype: str | None = None) -> ModelSizes:
+        """Sizes of ``spec`` in ``weight_dtype``; ``expert_dtype`` (a `prophet.formats.weight_format` name such
+        as "int4", "fp8", "mxfp4" or "int3") stores the routed experts in that format, scales included."""
         wdt = as_dtype(weight_dtype)
+        experts = spec.expert_bytes(wdt) if expert_dtype is None else expert_nbytes(
+            spec.expert_format, weight_format(expert_dtype))
         return cls(
             name=spec.name, weight_dtype=wdt, non_expert_bytes=spec.non_expert_bytes(wdt),
-            expert_bytes=spec.expert_bytes(wdt), num_moe_layers=spec.num_moe_layers, num_experts=spec.num_experts,
+            expert_bytes=experts, num_moe_layers=spec.num_moe_layers, num_experts=spec.num_experts,
             top_k=spec.top_k, hidden_size=spec.hidden_size, moe_intermediate_size=spec.moe_intermediate_size,
             vocab_size=spec.vocab_size, context_length=spec.context_length, kv_bytes=spec.kv_bytes,
         )
 
 
-def _sizes(model: ModelSpec | ModelSizes | str, weight_dtype: torch.dtype | str) -> ModelSizes:
+def _sizes(model: ModelSpec | ModelSizes | str, weight_dtype: torch.dtype | str,
+           expert_dtype: str | None = None) -> ModelSizes:
     if isinstance(model, ModelSizes):
         return model
-    return ModelSizes.of_spec(get_spec(model) if isinstance(model, str) else model, weight_dtype)
+    return ModelSizes.of_spec(get_spec(model) if isinstance(model, str) else model, weight_dtype, expert_dtype)
 
 
 def workspace_breakdown(
@@ -207,6 +214,7 @@ class Plan:
     experts_per_layer: int
     expert_slots: int
     warnings: tuple[str, ...] = ()
+    expert_dtype: str = ""  # how experts are stored when it differs from weight_dtype (e.g. "int4")
 
     @property
     def workspace_bytes(self) -> int:
@@ -261,7 +269,8 @@ class Plan:
 
         ws = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.workspace.items())
         rows = [
-            ("model", f"{self.model} ({self.weight_dtype} weights)"),
+            ("model", f"{self.model} ({self.weight_dtype} weights"
+                      + (f", {self.expert_dtype} experts)" if self.expert_dtype else ")")),
             ("gpu", f"{self.gpu}: {gib(self.gpu_bytes).strip()}"),
             ("context x batch", f"{self.ctx} x {self.batch} ({self.kv_dtype} KV; trained for {self.trained_context})"),
             ("non-expert weights", gib(self.non_expert_bytes)),
@@ -325,6 +334,7 @@ def plan(
     workspace_bytes: int | None = None,
     min_slots: int | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    expert_dtype: str | None = None,
 ) -> Plan:
     """Split ``gpu`` (bytes or a profile name) among resident weights, KV for ``batch x ctx``, workspace, slots.
 
@@ -332,8 +342,9 @@ def plan(
     ``workspace_bytes`` replaces the reserve formula with a fixed reserve. The plan needs at least
     ``min_slots`` expert slots (default ``top_k``: one token's experts of one layer must be resident together);
     with fewer, `PlanError` says what would fit (shorter context, fp8 KV, smaller batch, a bigger GPU).
+    ``expert_dtype`` sizes the slots for quantized experts (see `ModelSizes.of_spec`).
     """
-    m = _sizes(model, weight_dtype)
+    m = _sizes(model, weight_dtype, expert_dtype)
     gpu_name, gpu_bytes = resolve_gpu(gpu)
     kvdt = as_dtype(kv_dtype)
     if ctx < 1 or batch < 1:
@@ -360,7 +371,7 @@ def plan(
         weight_dtype=dtype_name(m.weight_dtype), kv_dtype=dtype_name(kvdt), trained_context=m.context_length,
         non_expert_bytes=m.non_expert_bytes, kv_bytes=kv, workspace=ws, expert_bytes=one,
         num_moe_layers=m.num_moe_layers, experts_per_layer=m.num_experts, expert_slots=slots,
-        warnings=warnings,
+        warnings=warnings, expert_dtype=expert_dtype or "",
     )
 
 

@@ -17,6 +17,7 @@ from prophet.store import HostStore
 
 if TYPE_CHECKING:
     from prophet.plan import Plan
+    from prophet.sources import ExpertSource
 
 
 class Runtime:
@@ -43,6 +44,7 @@ class Runtime:
         self.num_experts = store.num_experts
         self.expert_shapes: list[dict[str, torch.Size]] = []  # original parameter shapes, for unwrap
         self.plan: Plan | None = None  # the memory plan, when wrap was given max_context
+        self.source: ExpertSource | None = None  # where already-quantized experts came from (unwrap writes back)
         self.kv_cache: Any = None  # the transformers cache that plan sized, to pass to generate()
         self._last_layer: tuple[int, float, bool] | None = None  # (layer, start time, waited for no copy)
         self._resident: list[torch.Tensor] | None = None  # per layer [E] expert -> slot, when all are resident
@@ -116,11 +118,13 @@ class Runtime:
         return torch.tensor(table, dtype=torch.int32, device=self.device)
 
     def _experts(self, layer: int, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from prophet.kernels.moe import moe_experts
+        from prophet.kernels.moe import Quant, moe_experts
 
         views = self.cache.views(layer)
+        wf = self.store.weights  # quantized slots carry their scales: the kernels dequantize from the slot bytes
+        quant = Quant(wf, views["w1_scale"], views["w2_scale"]) if wf.quantized else None
         return moe_experts(
-            hidden, slot_ids, weights, views["w1"], views["w2"], self.fmt, views.get("b1"), views.get("b2"),
+            hidden, slot_ids, weights, views["w1"], views["w2"], self.fmt, views.get("b1"), views.get("b2"), quant,
             backend=self.kernels,
         )
 

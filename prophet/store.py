@@ -4,19 +4,33 @@ One slab per expert means one host->device copy per expert load, the cheapest wa
 slabs live in one tensor ``layers[l] [E, numel]`` (one pinned allocation per layer: smaller allocations pin
 reliably, and a layer can be filled and its source freed before the next one is allocated, so loading never
 holds two full copies of the experts). Pinned layers are locked at their exact size (`prophet.pinned`). A
-slab's tensors follow `ExpertFormat.shapes` in order (w1, w2[, b1, b2]).
+slab's tensors follow its `prophet.formats.SlabLayout`: dense experts keep ``ExpertFormat.shapes`` in order
+(w1, w2[, b1, b2]); quantized ones are bytes holding values and scales side by side, so one copy moves both.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from prophet.errors import ConfigError
-from prophet.models.adapter import ExpertFormat, MoELayer
+from prophet.formats import (
+    ExpertFormat,
+    SlabLayout,
+    WeightFormat,
+    dense_format,
+    dequantize_expert,
+    quantize_expert,
+    slab_layout,
+)
+from prophet.models.adapter import MoELayer
 from prophet.pinned import pinned_empty, unregister
+
+if TYPE_CHECKING:
+    from prophet.sources import ExpertSource
 
 
 def slab_views(slab: torch.Tensor, fmt: ExpertFormat) -> dict[str, torch.Tensor]:
@@ -35,11 +49,17 @@ class HostStore:
     """All experts of a model in host memory, ``layers[l] [E, numel]``, pinned when CUDA is present.
 
     Layers are allocated on first write (or by `allocate`), so a loader can fill them one at a time.
+    ``dtype`` is the model's compute dtype; ``weights`` (default: dense in ``dtype``) is how the experts are
+    stored, and ``self.dtype`` the slab's storage dtype (uint8 for quantized formats).
     """
 
-    def __init__(self, num_layers: int, num_experts: int, fmt: ExpertFormat, dtype: torch.dtype, pin: bool) -> None:
+    def __init__(self, num_layers: int, num_experts: int, fmt: ExpertFormat, dtype: torch.dtype, pin: bool,
+                 weights: WeightFormat | None = None) -> None:
         self.fmt = fmt
-        self.dtype = dtype
+        quantized = weights is not None and weights.quantized
+        self.layout: SlabLayout = slab_layout(fmt, weights or dense_format(dtype), dtype if quantized else None)
+        self.compute_dtype = dtype
+        self.dtype = self.layout.storage_dtype
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.pinned = pin
@@ -50,7 +70,7 @@ class HostStore:
         """``[E, numel]`` storage of ``layer``, allocated (pinned, at its exact size, if asked) on first use."""
         data = self.layers[layer]
         if data is None:
-            shape = (self.num_experts, self.fmt.numel)
+            shape = (self.num_experts, self.layout.numel)
             if self.pinned:
                 data, registered = pinned_empty(shape, self.dtype)
                 if registered:
@@ -75,8 +95,12 @@ class HostStore:
             pass
 
     @property
+    def weights(self) -> WeightFormat:
+        return self.layout.weights
+
+    @property
     def slab_bytes(self) -> int:
-        return self.fmt.nbytes(self.dtype)
+        return self.layout.nbytes
 
     @property
     def nbytes(self) -> int:
@@ -87,8 +111,11 @@ class HostStore:
         return self.allocate(layer)[expert]
 
     def write(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy one expert's canonical tensors into its slab."""
-        views = slab_views(self.slab(layer, expert), self.fmt)
+        """Copy one expert into its slab: its stored fields (values, scales, biases) as they are, or its canonical
+        dense tensors, which a quantized store quantizes first."""
+        views = self.layout.views(self.slab(layer, expert))
+        if set(tensors) != set(views):
+            tensors = quantize_expert(self.layout, tensors)
         for name, view in views.items():
             src = tensors[name]
             if tuple(src.shape) != tuple(view.shape):
@@ -96,11 +123,22 @@ class HostStore:
             view.copy_(src)
 
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        return slab_views(self.slab(layer, expert), self.fmt)
+        """Views of one expert's stored fields."""
+        return self.layout.views(self.slab(layer, expert))
+
+    def read_canonical(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's canonical tensors in the compute dtype: the stored ones when dense, else dequantized."""
+        if not self.weights.quantized:
+            return self.read(layer, expert)
+        tensors = dequantize_expert(self.layout, self.read(layer, expert))
+        return {name: t.to(self.compute_dtype) for name, t in tensors.items()}
 
     @classmethod
-    def from_layers(cls, layers: Sequence[MoELayer], pin: bool, free_source: bool = False) -> HostStore:
-        """Copy the experts of ``layers`` out of their modules, layer by layer.
+    def from_layers(cls, layers: Sequence[MoELayer], pin: bool, free_source: bool = False,
+                    weights: WeightFormat | None = None, source: ExpertSource | None = None,
+                    dtype: torch.dtype | None = None) -> HostStore:
+        """Copy the experts of ``layers`` out of their modules, layer by layer (quantized to ``weights`` if given),
+        or, with ``source``, its stored fields as they are (``dtype``: the model's compute dtype).
 
         With ``free_source`` each layer's expert parameters are emptied as soon as they are copied, so host
         memory holds at most one layer's experts twice.
@@ -113,12 +151,12 @@ class HostStore:
                     f"{layer.name}: experts differ from the first MoE layer ({layer.fmt}, {layer.num_experts} experts "
                     f"vs {fmt}, {num_experts}); Prophet needs every MoE layer to have the same expert shape"
                 )
-        dtype = layers[0].expert_parameters()[0].dtype
-        store = cls(len(layers), num_experts, fmt, dtype, pin)
+        dtype = dtype or layers[0].expert_parameters()[0].dtype
+        store = cls(len(layers), num_experts, fmt, dtype, pin, source.weights if source else weights)
         with torch.no_grad():
             for li, layer in enumerate(layers):
                 for e in range(num_experts):
-                    store.write(li, e, layer.get_expert(e))
+                    store.write(li, e, source.read(li, e) if source else layer.get_expert(e))
                 if free_source:
                     for p in layer.expert_parameters():
                         p.data = torch.empty(0, dtype=p.dtype)

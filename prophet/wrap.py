@@ -26,6 +26,7 @@ from prophet.errors import (
     DtypeError,
     ProphetError,
 )
+from prophet.formats import WeightFormat, dense_format, slab_layout, weight_format
 from prophet.layer import OffloadedExperts
 from prophet.models.adapter import Adapter, MoELayer, moe_layers
 from prophet.plan import Plan, model_sizes, plan, resolve_gpu
@@ -33,6 +34,7 @@ from prophet.policies import EvictionPolicy, make_policy
 from prophet.predict.base import Predictor
 from prophet.prefetch import Prefetcher
 from prophet.runtime import Runtime, RuntimeStats
+from prophet.sources import ExpertSource, fp8_module_source
 from prophet.store import HostStore
 from prophet.transfer import CudaCopyEngine, SyncCopyEngine
 
@@ -93,14 +95,37 @@ def allocate_kv_cache(model: nn.Module, dev: torch.device, max_context: int, bat
     return cache
 
 
+def _compute_dtype(model: nn.Module, expert_params: list[nn.Parameter]) -> torch.dtype:
+    """The dtype the model computes in when its experts are stored quantized: that of its other weights."""
+    experts = {id(p) for p in expert_params}
+    for p in model.parameters():
+        if id(p) not in experts and p.dtype in SUPPORTED_DTYPES:
+            return p.dtype
+    raise DtypeError("no float32, float16 or bfloat16 weights outside the experts: Prophet cannot tell the compute dtype")
+
+
+def _expert_format(expert_dtype: str | WeightFormat | None, dtype: torch.dtype) -> WeightFormat:
+    """The store's format: ``expert_dtype`` by name or as given, else dense in the model's ``dtype``."""
+    if expert_dtype is None:
+        return dense_format(dtype)
+    wf = weight_format(expert_dtype) if isinstance(expert_dtype, str) else expert_dtype
+    if not wf.runnable:
+        raise ConfigError(f"expert_dtype={wf.name!r} is modelling-only; wrap with int4, int8, fp8 or mxfp4")
+    if not wf.quantized and wf != dense_format(dtype):
+        raise ConfigError(f"expert_dtype={wf.name!r} differs from the model's {dtype}: convert the model with "
+                          "model.to(...) instead, or pick a quantized expert_dtype")
+    return wf
+
+
 def _plan_for(model: nn.Module, layers: list[MoELayer], dtype: torch.dtype, dev: torch.device,
-              max_context: int, batch: int, gpu: int | str | None) -> Plan:
+              max_context: int, batch: int, gpu: int | str | None, expert_bytes: int) -> Plan:
     if gpu is None:
         if dev.type != "cuda":
             raise ConfigError("max_context on the CPU needs gpu= (bytes or a profile name such as 'h100-sxm') to size the plan")
         gpu = torch.cuda.mem_get_info(dev)[1]
     name, gpu_bytes = resolve_gpu(gpu)
-    return dataclasses.replace(plan(model_sizes(model, layers, dtype), gpu_bytes, max_context, batch, kv_dtype=dtype), gpu=name)
+    sizes = dataclasses.replace(model_sizes(model, layers, dtype), expert_bytes=expert_bytes)
+    return dataclasses.replace(plan(sizes, gpu_bytes, max_context, batch, kv_dtype=dtype), gpu=name)
 
 
 def wrap(
@@ -117,8 +142,16 @@ def wrap(
     max_context: int | None = None,
     batch: int = 1,
     gpu: int | str | None = None,
+    expert_dtype: str | WeightFormat | None = None,
+    expert_source: ExpertSource | None = None,
 ) -> nn.Module:
     """Offload ``model``'s experts to host memory behind a device slot cache; returns the same model object.
+
+    ``expert_dtype`` ("int4", "int8", "fp8", "fp8-channel", "fp8-tensor", "mxfp4" or a
+    `prophet.formats.WeightFormat`) quantizes the experts as they enter the host store: slots then hold that
+    format's bytes and the kernels dequantize them (`unwrap` restores dequantized weights, not the originals).
+    Experts that are already quantized (transformers' FP8Experts modules, or ``expert_source``, which
+    `prophet.load` gives for quantized checkpoints) are stored as they are.
 
     Give at most one of ``cache_slots`` (one pool shared by all MoE layers), ``slots_per_layer`` (a pool per
     layer) or ``cache_bytes`` (a shared pool sized from bytes). With none, every expert gets a slot.
@@ -130,19 +163,28 @@ def wrap(
         raise AlreadyWrappedError("this model is already wrapped by Prophet; call prophet.unwrap(model) first")
     dev = resolve_device(device)
     layers = moe_layers(model, adapter)
+    source = expert_source or fp8_module_source(layers)
     params = [p for layer in layers for p in layer.expert_parameters()]
-    dtype = params[0].dtype
-    if dtype not in SUPPORTED_DTYPES or any(p.dtype != dtype for p in params):
-        found = sorted({str(p.dtype) for p in params})
-        raise DtypeError(f"expert weights are {found}; Prophet's kernels run float32, float16 or bfloat16: convert with model.to(torch.bfloat16)")
-    if any(p.is_meta for p in params):
-        raise ConfigError("expert weights are on the meta device (no data); load real weights or use prophet.load(checkpoint_dir)")
+    if source is not None:
+        if expert_dtype is not None:
+            raise ConfigError(f"the experts are already quantized ({source.description}); drop expert_dtype")
+        dtype = _compute_dtype(model, params)
+        weights = source.weights
+    else:
+        dtype = params[0].dtype
+        if dtype not in SUPPORTED_DTYPES or any(p.dtype != dtype for p in params):
+            found = sorted({str(p.dtype) for p in params})
+            raise DtypeError(f"expert weights are {found}; Prophet's kernels run float32, float16 or bfloat16: convert with model.to(torch.bfloat16)")
+        if any(p.is_meta for p in params):
+            raise ConfigError("expert weights are on the meta device (no data); load real weights or use prophet.load(checkpoint_dir)")
+        weights = _expert_format(expert_dtype, dtype)
+    layout = slab_layout(layers[0].fmt, weights, dtype if weights.quantized else None)
     memory_plan = kv_cache = None
     if max_context is not None:
         sizes = {"cache_slots": cache_slots, "slots_per_layer": slots_per_layer, "cache_bytes": cache_bytes}
         if config is not None or any(v is not None for v in sizes.values()):
             raise ConfigError("max_context sizes the cache itself; drop config=, cache_slots, slots_per_layer and cache_bytes")
-        memory_plan = _plan_for(model, layers, dtype, dev, max_context, batch, gpu)
+        memory_plan = _plan_for(model, layers, dtype, dev, max_context, batch, gpu, layout.nbytes)
         cache_slots = memory_plan.expert_slots
         kv_cache = allocate_kv_cache(model, dev, max_context, batch, dtype)
     cfg = _cache_config(
@@ -152,7 +194,7 @@ def wrap(
     policy_factory = policy if callable(policy) else (lambda: make_policy(cfg.cache.policy))
 
     pin = dev.type == "cuda" and cfg.pin_memory
-    slab_bytes = layers[0].fmt.nbytes(dtype)
+    slab_bytes = layout.nbytes
     cache_cfg = cfg.cache
     cache_slots, slots_per_layer = cache_cfg.cache_slots, cache_cfg.slots_per_layer
     if cache_cfg.cache_bytes is not None:
@@ -171,11 +213,12 @@ def wrap(
         slots_per_layer = min(slots_per_layer, num_experts)
 
     shapes = [{name: p.shape for name, p in layer.experts.named_parameters()} for layer in layers]
-    store = HostStore.from_layers(layers, pin=pin, free_source=True)  # the store holds the only copy now
+    store = HostStore.from_layers(layers, pin=pin, free_source=True, weights=weights, source=source, dtype=dtype)
 
     cache = _new_cache(store, dev, policy_factory, cache_slots, slots_per_layer)
     runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
     runtime.expert_shapes = shapes
+    runtime.source = source
     runtime.plan = memory_plan
     runtime.kv_cache = kv_cache
     for layer in layers:
@@ -252,7 +295,10 @@ def unwrap(model: nn.Module) -> nn.Module:
             for name, p in layer.experts.named_parameters():
                 p.data = torch.empty(shapes[name], dtype=p.dtype, device=runtime.device)
             for e in range(layer.num_experts):
-                layer.set_expert(e, runtime.store.read(li, e))
+                if runtime.source is not None and runtime.source.write is not None:
+                    runtime.source.write(li, e, runtime.store.read(li, e))  # the quantized module, bit for bit
+                else:
+                    layer.set_expert(e, runtime.store.read_canonical(li, e))
             setattr(layer.parent, layer.attr, layer.experts)
     delattr(model, _ATTR)
     return model

@@ -251,8 +251,41 @@ def fig_g_link_budget() -> None:
           "LRU thrashes at batch 8: each step's experts over all layers cycle through more slots than the pool has.")
 
 
+def fig_h_quant() -> None:
+    sim, quality = _read("sim_quant"), _read("quant_quality")
+    if sim is None or quality is None:
+        print(f"(h) skipped: needs sim_quant.json (`{SWEEPS} quant`) and quant_quality.json "
+              "(`python experiments/quant_quality.py`)")
+        return
+    fig, (speed, error) = _figure(2)
+    bits = [p["bits_per_param"] for p in sim["points"]]
+    for i, pol in enumerate(("lru", "prophet")):
+        speed.plot(bits, [p["results"][i]["tokens_per_s"] for p in sim["points"]], marker="o", label=pol)
+    for p in sim["points"]:
+        speed.annotate(p["expert_dtype"], (p["bits_per_param"], p["results"][0]["tokens_per_s"]), fontsize=7,
+                       textcoords="offset points", xytext=(3, -9))
+    speed.set(title="Mixtral-8x7B on rtx-4090, 32K context", xlabel="bits per expert parameter (scales included)",
+              ylabel="decode tokens/s (simulated)", yscale="log")
+    rows = quality["formats"]
+    error.scatter([r["bits_per_param"] for r in rows], [100 * r["perplexity_change"] for r in rows], marker="o")
+    for r in rows:
+        error.annotate(r["format"], (r["bits_per_param"], 100 * r["perplexity_change"]), fontsize=7,
+                       textcoords="offset points", xytext=(3, 3))
+    error.set(title="tiny trained MoE, held-out text", xlabel="bits per expert parameter (H=128, I=256)",
+              ylabel="perplexity change vs bf16 (%)")
+    for ax in (speed, error):
+        ax.grid(alpha=0.3, which="both")
+    speed.legend(fontsize=7)
+    _save(fig, "h_quant",
+          "(h) Quantized experts. Left: simulated decode of Mixtral-8x7B on the RTX 4090 profile at 32K context "
+          "(shared trace, batch 1) with expert slots planned at each format's bytes; LRU is copy-only, prophet "
+          "prefetches within the link budget; int3/int2 are modelled bytes only. Right: perplexity change on "
+          "held-out plays of the trained tiny MoE when its experts are quantized at wrap, against the bf16 model "
+          "(the bf16 point is the wrapped model computing its experts in fp32).")
+
+
 FIGURES: list[Callable[[], None]] = [fig_a_hit_rate, fig_b_recall, fig_c_dedup, fig_d_vram, fig_e_context, fig_f_breakdown,
-                                     fig_g_link_budget]
+                                     fig_g_link_budget, fig_h_quant]
 
 
 def main() -> None:

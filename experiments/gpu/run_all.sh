@@ -89,6 +89,9 @@ part grouped-gemm 100 \
 part decode-check 60 \
   python3 experiments/gpu/decode_check.py --out "$res" \
   -- python3 experiments/gpu/decode_check.py --help
+part quant-check 90 \
+  python3 experiments/gpu/quant_check.py --out "$res" \
+  -- python3 experiments/gpu/quant_check.py --help
 part bench-mixtral-128k 120 \
   python3 -c "import sys; from prophet.bench import main; sys.exit(main(sys.argv[1:]))" --model mixtral --ctx 128k \
     --weights random --layers 8 --compare --no-progress "${trace_args[@]}" --out "$res/prophet_bench_mixtral_128k_${gpu}.json" \

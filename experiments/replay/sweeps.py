@@ -8,6 +8,9 @@ dedup     distinct experts per step vs batch (real traces; uniform routing for o
 vram      tokens/s vs VRAM budget per policy with the bounds: Mixtral-8x7B on H100 (shared trace),
           DeepSeek-V2-Lite on RTX 4090 (synthetic trace of its shape from `prophet.trace.synth`)
 context   tokens/s vs context length (KV against expert slots), Mixtral-8x7B on H100 80 GB, 32K-512K
+quant     expert formats: Mixtral-8x7B on RTX 4090 at 32K context with experts in bf16, fp8, int8, mxfp4,
+          int4 and modelled 3/2-bit widths; slots from the plan at each format's bytes per expert, LRU copy-only
+          and prophet; target: int4 copy-only >= 3x bf16 copy-only tokens/s (fails otherwise)
 prefetch  the link budget: tokens/s vs shared slots at batch 1 and 8 for prediction-aware eviction with no
           prefetch, every prediction copied, and copies within the budget, beside LRU, LFU and Belady
           (Mixtral trace; path matching fitted on sequence 0, replayed on sequence 1: out of sample)
@@ -203,7 +206,47 @@ def prefetch() -> Path:
     })
 
 
-SWEEPS = {"capacity": capacity, "dedup": dedup, "vram": vram, "context": context, "prefetch": prefetch}
+QUANT_TARGET = 3.0  # issue 18: int4 experts >= 3x the bf16 copy-only speed, Mixtral on rtx-4090 at 32K
+
+
+def quant() -> Path:
+    from prophet.formats import expert_nbytes, weight_format
+
+    spec, trace, gpu, ctx = get_spec("mixtral-8x7b"), _trace(MIXTRAL_TRACE), "rtx-4090", 32 << 10
+    sched = schedule(trace)
+    total = spec.num_moe_layers * spec.num_experts
+    points = []
+    for name in tqdm(["bf16", "fp8", "int8", "mxfp4", "int4", "int3", "int2"], desc="quant"):
+        fmt = None if name == "bf16" else name
+        memory = plan(spec, gpu, ctx, expert_dtype=fmt)
+        slots = min(memory.expert_slots, total)
+        b = bounds(spec, gpu, 1, trace=trace, cache_slots=slots, context=ctx, sched=sched, expert_dtype=fmt)
+        results = [
+            {**replay(trace, spec, gpu, cache_slots=slots, context=ctx, sched=sched, expert_dtype=fmt, progress=False,
+                      **_policy(p)).to_dict(), "policy": p}
+            for p in ("lru", "prophet")
+        ]
+        one = expert_nbytes(spec.expert_format, weight_format(name))
+        points.append({"expert_dtype": name, "expert_mib": one / 2**20, "bits_per_param": 8 * one / spec.expert_params,
+                       "cache_slots": slots, "slots_gib": slots * one / 2**30, "bounds": b, "results": results})
+    base = points[0]["results"][0]["tokens_per_s"]
+    for p in points:
+        p["lru_speedup_vs_bf16"] = p["results"][0]["tokens_per_s"] / base
+    int4 = next(p for p in points if p["expert_dtype"] == "int4")["lru_speedup_vs_bf16"]
+    path = _write("sim_quant", {
+        "what": f"Mixtral-8x7B on {gpu} at {ctx} tokens, batch 1: expert formats (bytes per expert incl. scales) "
+                "vs plan slots and tokens/s; copy-only = on-demand LRU",
+        "trace": MIXTRAL_TRACE, "target": {"int4_lru_vs_bf16_lru": QUANT_TARGET, "measured": int4,
+                                            "met": int4 >= QUANT_TARGET},
+        "gpu": get_profile(gpu).to_dict(), "points": points,
+    })
+    if int4 < QUANT_TARGET:
+        raise SystemExit(f"quant: int4 copy-only is {int4:.2f}x bf16, below the {QUANT_TARGET}x target")
+    return path
+
+
+SWEEPS = {"capacity": capacity, "dedup": dedup, "vram": vram, "context": context, "prefetch": prefetch,
+          "quant": quant}
 
 
 def main(argv: list[str] | None = None) -> None:

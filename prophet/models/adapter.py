@@ -17,19 +17,15 @@ Converting to and from a family's own storage is exact (a permutation of element
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from prophet.errors import ConfigError, UnsupportedModelError
-from prophet.models.layouts import canonical_shapes
-
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss")
+from prophet.errors import UnsupportedModelError
+from prophet.formats import ACTIVATIONS, STORAGES, ExpertFormat, expert_forward  # noqa: F401 (re-exported)
 
 # transformers activation names (``config.hidden_act`` and friends) -> ``ExpertFormat.activation``.
 HF_ACTIVATIONS = {
@@ -40,17 +36,6 @@ HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
     "relu": "relu",
-}
-
-# How a family stores its experts, i.e. what ``get_expert``/``set_expert`` convert from and to.
-STORAGES = {
-    "fused": "gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I] (Mixtral, Qwen-MoE, "
-    "OLMoE, DeepSeek, Jamba, PhiMoE): canonical as is",
-    "fused_transposed_interleaved": "gate_up_proj [E, H, 2I] with gate/up in alternating columns, "
-    "gate_up_proj_bias [E, 2I] alike, down_proj [E, I, H], down_proj_bias [E, H] (gpt-oss)",
-    "flat_split": "mlp.w1 (gate), mlp.v1 (up), mlp.w2 (down) each [E*I, H] (DBRX)",
-    "modules": "one module per expert holding nn.Linear gate/up/down (or up/down) projections, e.g. Switch "
-    "Transformers' ModuleDict of wi/wo, or custom-code ModuleLists (Grok-1, Arctic, DeepSeek-MoE 16B)",
 }
 
 
@@ -64,79 +49,6 @@ def canonical_activation(name: str) -> str:
             "(pass fmt=ExpertFormat(...) to the adapter if the model's name for one of them differs)"
         )
     return HF_ACTIVATIONS[name]
-
-
-@dataclass(frozen=True)
-class ExpertFormat:
-    """Shape and arithmetic of one expert in the canonical layout."""
-
-    hidden_size: int
-    intermediate_size: int
-    glu: bool = True
-    activation: str = "silu"
-    has_bias: bool = False
-    swiglu_alpha: float = 1.702  # gpt_oss activation only
-    swiglu_limit: float = 7.0  # gpt_oss activation only
-    storage: str = "fused"  # the family's own layout, a key of STORAGES
-
-    def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation={self.activation!r}: supported are {', '.join(ACTIVATIONS)}")
-        if self.hidden_size <= 0 or self.intermediate_size <= 0:
-            raise ConfigError(f"expert sizes must be positive (H={self.hidden_size}, I={self.intermediate_size})")
-        if self.activation == "gpt_oss" and not self.glu:
-            raise ConfigError("activation='gpt_oss' is a gated activation: it needs glu=True")
-        if self.storage not in STORAGES:
-            raise ConfigError(f"storage={self.storage!r}: known layouts are {', '.join(STORAGES)}")
-
-    @property
-    def w1_rows(self) -> int:
-        return 2 * self.intermediate_size if self.glu else self.intermediate_size
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Canonical tensor shapes of one expert, in slab order."""
-        return canonical_shapes(self.hidden_size, self.intermediate_size, self.glu, self.has_bias)
-
-    @property
-    def numel(self) -> int:
-        """Elements of one expert (all its tensors)."""
-        return sum(math.prod(s) for s in self.shapes.values())
-
-    @property
-    def params(self) -> int:
-        return self.numel
-
-    def nbytes(self, dtype: torch.dtype) -> int:
-        return self.numel * torch.empty((), dtype=dtype).element_size()
-
-
-_ELEMENTWISE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "relu": F.relu,
-}
-
-
-def expert_forward(fmt: ExpertFormat, tensors: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """One expert applied to ``x [..., H]`` from its canonical tensors, in plain PyTorch.
-
-    This is the arithmetic every family's experts module performs per expert (tests hold each adapter to it),
-    so a runtime that reproduces it from the canonical tensors reproduces the model.
-    """
-    h = F.linear(x, tensors["w1"], tensors["b1"] if fmt.has_bias else None)
-    if fmt.glu:
-        gate, up = h[..., : fmt.intermediate_size], h[..., fmt.intermediate_size :]
-        if fmt.activation == "gpt_oss":
-            gate = gate.clamp(max=fmt.swiglu_limit)
-            up = up.clamp(min=-fmt.swiglu_limit, max=fmt.swiglu_limit)
-            act = (up + 1) * (gate * torch.sigmoid(gate * fmt.swiglu_alpha))
-        else:
-            act = _ELEMENTWISE[fmt.activation](gate) * up
-    else:
-        act = _ELEMENTWISE[fmt.activation](h)
-    return F.linear(act, tensors["w2"], tensors["b2"] if fmt.has_bias else None)
 
 
 @dataclass

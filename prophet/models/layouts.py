@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from prophet.errors import ConfigError, UnsupportedModelError
+from prophet.formats import canonical_shapes
 
 Tensors = dict[str, torch.Tensor]
 
@@ -38,15 +39,6 @@ class ExpertAccess:
     has_bias: bool
     get: Callable[[int], Tensors]
     set: Callable[[int, Tensors], None]
-
-
-def canonical_shapes(hidden: int, inter: int, glu: bool, has_bias: bool) -> dict[str, tuple[int, ...]]:
-    """Canonical tensor shapes of one expert (the same as `ExpertFormat.shapes`)."""
-    n1 = 2 * inter if glu else inter
-    out: dict[str, tuple[int, ...]] = {"w1": (n1, hidden), "w2": (hidden, inter)}
-    if has_bias:
-        out["b1"], out["b2"] = (n1,), (hidden,)
-    return out
 
 
 def _check(shapes: dict[str, tuple[int, ...]], tensors: Tensors) -> None:

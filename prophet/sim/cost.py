@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prophet.formats import expert_nbytes, weight_format
 from prophet.hybrid import MissCosts
 from prophet.models.spec import ModelSpec
 from prophet.sim.hardware import HardwareProfile
@@ -25,12 +26,16 @@ def _dtype_size(dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Per-layer compute times of ``spec`` on ``profile`` at ``context`` tokens of KV per sequence."""
+    """Per-layer compute times of ``spec`` on ``profile`` at ``context`` tokens of KV per sequence.
+
+    ``expert_dtype`` (a `prophet.formats.weight_format` name: "int4", "fp8", "mxfp4", "int3", ...) stores the
+    routed experts in that format: each expert read or copied is its bytes, scales included."""
 
     spec: ModelSpec
     profile: HardwareProfile
     dtype: torch.dtype = torch.bfloat16
     context: int = 2048
+    expert_dtype: str | None = None
     expert_bytes: int = field(init=False)
     layer_bytes: float = field(init=False)  # non-expert weight bytes read per MoE layer step
     kv_layer_bytes: float = field(init=False)  # KV bytes read per MoE layer step and sequence
@@ -41,7 +46,9 @@ class CostModel:
         L = spec.num_moe_layers
         embedding_table = spec.vocab_size * spec.hidden_size * size
         set_ = object.__setattr__  # frozen: derived values are fixed once here
-        set_(self, "expert_bytes", spec.expert_bytes(self.dtype))
+        stored = spec.expert_bytes(self.dtype) if self.expert_dtype is None else expert_nbytes(
+            spec.expert_format, weight_format(self.expert_dtype))
+        set_(self, "expert_bytes", stored)
         set_(self, "layer_bytes", (spec.non_expert_bytes(self.dtype) - embedding_table) / L)
         set_(self, "kv_layer_bytes", spec.kv_bytes(self.context, self.dtype, 1) / L)
         attn = 4 * self.context * spec.num_attention_heads * spec.head_dim * len(spec.attention_layer_indices)

@@ -238,6 +238,7 @@ def replay(
     steps: int | None = None,
     context: int = 2048,
     dtype: torch.dtype = torch.bfloat16,
+    expert_dtype: str | None = None,
     overlap: bool = True,
     cpu_fallback: bool = False,
     prefetch: PrefetchConfig | None = None,
@@ -251,6 +252,7 @@ def replay(
     `prophet.prefetch.Prefetcher.threshold`). ``cpu_fallback`` runs missed experts
     on the host CPU while the GPU runs the resident ones, and admits them into the cache with background
     copies. ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch`` and ``steps``).
+    ``expert_dtype`` stores the experts quantized (`CostModel`): copies and reads move that format's bytes.
     """
     wall = time.perf_counter()
     trace = as_router_trace(trace)
@@ -276,7 +278,7 @@ def replay(
     if cpu_fallback and policy_name == "belady":
         raise ConfigError("belady needs every expert to pass through the cache; it cannot run with cpu_fallback")
 
-    cost = CostModel(spec, profile, dtype, context)
+    cost = CostModel(spec, profile, dtype, context, expert_dtype)
     engine = SimCopyEngine(profile, cost.expert_bytes, overlap=overlap)
     store = HostStore(L, E, _TINY, torch.float32, pin=False)
     cache = ExpertCache(
@@ -391,6 +393,7 @@ def bounds(
     steps: int | None = None,
     context: int = 2048,
     dtype: torch.dtype = torch.bfloat16,
+    expert_dtype: str | None = None,
     sched: Schedule | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -404,7 +407,7 @@ def bounds(
     """
     spec = get_spec(spec) if isinstance(spec, str) else spec
     profile = get_profile(profile)
-    cost = CostModel(spec, profile, dtype, context)
+    cost = CostModel(spec, profile, dtype, context, expert_dtype)
     if trace is not None:
         trace = as_router_trace(trace)
         sched = sched or schedule(trace, batch, steps)
@@ -413,7 +416,8 @@ def bounds(
         distinct = expected_distinct(spec.num_experts, spec.top_k, batch)
     compute = cost.token_seconds(distinct, batch)
     link = spec.num_moe_layers * distinct * cost.copy_seconds()
-    needed = spec.non_expert_bytes(dtype) + spec.all_expert_bytes(dtype) + spec.kv_bytes(context, dtype, batch)
+    all_experts = spec.num_moe_layers * spec.num_experts * cost.expert_bytes
+    needed = spec.non_expert_bytes(dtype) + all_experts + spec.kv_bytes(context, dtype, batch)
     out: dict[str, Any] = {
         "all_resident": {"tokens_per_s": batch / compute, "step_s": compute, "fits": bool(needed <= profile.hbm_bytes)},
         "all_miss": {"tokens_per_s": batch / (compute + link), "step_s": compute + link},
@@ -423,7 +427,8 @@ def bounds(
     if trace is not None and (slots_per_layer or cache_slots):
         r = replay(
             trace, spec, profile, policy="belady", predictor="oracle", slots_per_layer=slots_per_layer,
-            cache_slots=cache_slots, batch=batch, context=context, dtype=dtype, sched=sched, progress=progress,
+            cache_slots=cache_slots, batch=batch, context=context, dtype=dtype, expert_dtype=expert_dtype, sched=sched,
+            progress=progress,
         )
         out["oracle"] = {"tokens_per_s": r.tokens_per_s, "step_s": r.step_s, "hit_rate": r.hit_rate,
                          "stall_s": r.stall_s, "policy": "belady", "predictor": "oracle"}
