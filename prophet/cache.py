@@ -31,6 +31,10 @@ class LayerStats:
     evictions: int = 0
     bytes_h2d: int = 0
     waves: int = 0  # extra passes needed because a step wanted more experts than the pool holds
+    host_experts: int = 0  # distinct missed experts computed on the host CPU instead of copied (on_miss)
+    host_tokens: int = 0  # token-expert pairs those host experts computed
+    host_ms: float = 0.0  # wall time of the host experts' work (their future's run), summed over steps
+    host_wait_ms: float = 0.0  # time the step waited for host results after its GPU work was queued
 
     def add(self, other: LayerStats) -> None:
         for name in self.__dataclass_fields__:
@@ -38,6 +42,7 @@ class LayerStats:
 
     @property
     def hit_rate(self) -> float:
+        """Hits over hits + misses; a host-computed expert counts as a miss (its weights were not resident)."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
