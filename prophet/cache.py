@@ -126,6 +126,18 @@ class ExpertCache:
     def resident(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.pool(layer).slot_of
 
+    def missing(self, layer: int, experts: Sequence[int]) -> tuple[list[int], dict[int, Load]]:
+        """Of ``experts``: those without a slot, and those whose slot's copy is still in flight (-> its load)."""
+        pool = self.pool(layer)
+        absent, inflight = [], {}
+        for e in experts:
+            s = pool.slot_of.get((layer, e))
+            if s is None:
+                absent.append(e)
+            elif (load := pool.slots[s].load) is not None and not self.engine.done(load):
+                inflight[e] = load
+        return absent, inflight
+
     # ---- the step's contract -----------------------------------------------------------------------------
     def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
         """Slots holding ``experts`` (distinct ids) of ``layer``, loading misses; all are pinned until `release`.

@@ -112,7 +112,7 @@ class ProphetConfig(JsonConfig):
     prefetch: PrefetchConfig = field(default_factory=lambda: PrefetchConfig(auto_budget=True))
     kernels: str = "auto"  # auto | triton | reference
     pin_memory: bool = True  # pin the host store when CUDA is present
-    on_miss: str = "copy"  # one of ON_MISS; "copy" until the runtime's step computes on the host
+    on_miss: str = "copy"  # one of ON_MISS: where a missed expert runs (`prophet.wrap` documents them)
     host_threads: int | None = None  # CPU threads for host experts (None: `prophet.host_experts.default_threads`)
 
     def __post_init__(self) -> None:

@@ -155,3 +155,50 @@ class RunningCosts:
             self.costs = MissCosts(c.copy_s, self._mix(c.host_fixed_s, seconds), c.host_token_s, c.gpu_expert_s)
         else:
             self.costs = MissCosts(c.copy_s, c.host_fixed_s, self._mix(c.host_token_s, seconds / tokens), c.gpu_expert_s)
+
+
+# Seeds for a runtime's `RunningCosts` before anything is measured (a PCIe 4 x16 link, a desktop host's DRAM and
+# FLOP rate): measured copy and host times replace them within a few steps.
+SEED_LINK_GB_S = 25.0
+SEED_COPY_FIXED_S = 10e-6
+SEED_HOST_GB_S = 60.0
+SEED_HOST_FLOPS = 200e9
+
+
+def seed_costs(expert_bytes: int, expert_params: int) -> MissCosts:
+    """`MissCosts` of one expert of ``expert_bytes`` stored bytes and ``expert_params`` parameters on the seed
+    hardware above."""
+    return MissCosts(
+        copy_s=SEED_COPY_FIXED_S + expert_bytes / (SEED_LINK_GB_S * 1e9),
+        host_fixed_s=expert_bytes / (SEED_HOST_GB_S * 1e9),
+        host_token_s=2 * expert_params / SEED_HOST_FLOPS,
+    )
+
+
+class MissPlanner:
+    """The step's side of hybrid execution: the options ``on_miss`` allows and the costs they are weighed by.
+
+    A driver subclasses it to say where its queues stand (`queues`) and when an in-flight copy lands
+    (`ready_s`); the runtime keeps the defaults (it joins its host work every layer and cannot see inside the
+    link), the simulator answers from its clock.
+    """
+
+    def __init__(self, on_miss: str, costs: RunningCosts) -> None:
+        self.allow = allowed(on_miss)
+        self.running = costs
+
+    def queues(self, layer: int) -> tuple[float, float]:
+        """``(link_free_s, host_free_s)``: when the link and the host threads finish the work queued so far."""
+        return 0.0, 0.0
+
+    def ready_s(self, load: object) -> float:
+        """When an in-flight copy lands, from now (unknown to the runtime: a whole copy, the worst case)."""
+        return self.running.costs.copy_s
+
+    def choose(self, layer: int, tokens: Mapping[int, int], inflight: Mapping[int, object]) -> Decision:
+        """`decide` for the missed experts ``tokens`` (expert -> tokens) and the in-flight ``inflight``
+        (expert -> its load)."""
+        link, host = self.queues(layer)
+        ready = {e: self.ready_s(load) for e, load in inflight.items()}
+        return decide(tokens, self.running.costs, 0.0, inflight_ready_s=ready, link_free_s=link, host_free_s=host,
+                      allow=self.allow)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from prophet.cache import ExpertCache, LayerStats
+from prophet.host_experts import HostExperts, jobs_for
+from prophet.hybrid import MissPlanner, RunningCosts, seed_costs
 from prophet.kernels.moe import Quant, moe_experts_reference, moe_experts_triton, resolve_backend
 from prophet.models.adapter import ExpertFormat, MoELayer
 from prophet.predict.base import Predictor
@@ -90,6 +92,42 @@ class SlotTables:
         return out
 
 
+class HostWork:
+    """One layer step's host experts (`prophet.step.HostPath`): submitted to `HostExperts` before the device
+    experts are issued, joined after them; the runtime adds their output to the device experts' in fp32."""
+
+    def __init__(self, runtime: Runtime, layer: int, hidden: torch.Tensor, index: torch.Tensor,
+                 weights: torch.Tensor) -> None:
+        self.runtime, self.layer = runtime, layer
+        self.hidden, self.index, self.weights = hidden, index, weights  # [T,H], [T,k], [T,k]
+        self.experts: list[int] = []
+        self.mask: torch.Tensor | None = None  # [T,k] 1 for pairs the device computes, 0 for host pairs
+        self.result: torch.Tensor | None = None  # the host experts' output [T,H] fp32 on the device, once joined
+        self._future: Any = None
+
+    def submit(self, experts: list[int], tokens: dict[int, int]) -> None:
+        self.experts = experts
+        host_experts = self.runtime.host_experts()
+        jobs = jobs_for(self.index, self.weights, experts)
+        self._future = host_experts.submit(self.layer, self.hidden.detach().cpu(), jobs)
+        chosen = torch.tensor(experts, dtype=self.index.dtype, device=self.index.device)
+        self.mask = ~torch.isin(self.index, chosen)
+
+    def device_weights(self) -> torch.Tensor:
+        """Router weights ``[T,k]`` with the host pairs' zeroed."""
+        return self.weights if self.mask is None else self.weights * self.mask
+
+    def join(self) -> None:
+        start = time.perf_counter()
+        result = self._future.result()
+        waited = time.perf_counter() - start
+        self.result = result.out.to(self.hidden.device)  # [T,H] fp32
+        stats = self.runtime.cache.stats[self.layer]
+        stats.host_ms += sum(s for _, s in result.timings) * 1e3
+        stats.host_wait_ms += waited * 1e3
+        self.runtime.observe_costs(result.timings)
+
+
 class Runtime:
     """Runs MoE layer steps over the expert cache; one instance per wrapped model."""
 
@@ -102,6 +140,8 @@ class Runtime:
         predictor: Predictor | None,
         kernels: str,
         device: torch.device,
+        on_miss: str = "copy",
+        host_threads: int | None = None,
     ) -> None:
         self.layers = layers
         self.store = store
@@ -123,8 +163,13 @@ class Runtime:
         self._ids = HostIds(device)
         self._tables = SlotTables(self.num_experts, device)
         self._kernel = moe_experts_reference
-        self._step = Step(cache, prefetcher, predictor)
         self.sequence_hook: Any = None  # the model's forward pre-hook that calls begin_sequence (set by wrap)
+        self.on_miss = on_miss
+        self.host_threads = host_threads
+        self._host: HostExperts | None = None  # started on the first host expert
+        self.costs = RunningCosts(seed_costs(store.slab_bytes, store.fmt.params))
+        self._misses = MissPlanner(on_miss, self.costs) if on_miss != "copy" else None
+        self._step = Step(cache, prefetcher, predictor, self._misses)
 
     def settle(self) -> None:
         """Bind the step to the current cache, prefetcher and predictor (`wrap` and `reconfigure` call this).
@@ -132,7 +177,7 @@ class Runtime:
         When the cache holds every expert, load them all now and run layers without the host: the slot of
         each expert never changes, so ids map to slots on the device, with no sync, no eviction and no
         prefetch (the predictor is not consulted). Otherwise layers go through the cache step by step."""
-        self._step = Step(self.cache, self.prefetcher, self.predictor)
+        self._step = Step(self.cache, self.prefetcher, self.predictor, self._misses)
         triton = resolve_backend(self.kernels, self.device) == "triton"
         self._kernel = moe_experts_triton if triton else moe_experts_reference
         self._last_layer = None
@@ -179,22 +224,47 @@ class Runtime:
             valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
             top_k_index = torch.where(valid, top_k_index, ids[0] if ids else 0)
             top_k_weights = top_k_weights * valid
-        waves = len(ids) > self.cache.capacity(layer)
-        out = torch.zeros_like(hidden) if waves or not ids else None
+        work = HostWork(self, layer, hidden, top_k_index, top_k_weights) if self._misses is not None else None
 
         def compute(wave: Any, slots: list[int], index: int) -> None:
-            nonlocal out
-            if not waves:
-                slot_ids = self._tables.remap(rows, ids, slots, top_k_index, has_invalid)  # [T,k] slot ids on the device
-                out = self._experts(layer, hidden, slot_ids, top_k_weights)
+            weights = top_k_weights if work is None else work.device_weights()  # host pairs weigh 0
+            device = len(ids) - (len(work.experts) if work is not None else 0)
+            if index == 0 and len(wave) == device:  # one wave holds every device expert
+                slot_ids = self._tables.remap(rows, list(wave), slots, top_k_index, has_invalid)  # [T,k] slot ids on the device
+                add(self._experts(layer, hidden, slot_ids, weights))
                 return
             slot_ids = self._tables.table(index, list(wave), slots, fill=-1)[top_k_index]  # -1: other waves
             in_wave = slot_ids >= 0  # [T,k]; pairs of other waves get weight 0 (no host sync to pick rows)
-            out += self._experts(layer, hidden, torch.where(in_wave, slot_ids, slots[0]), top_k_weights * in_wave)
+            add(self._experts(layer, hidden, torch.where(in_wave, slot_ids, slots[0]), weights * in_wave))
 
-        self._step.run(layer, ids, compute, rows, top_k_weights, hidden, observe=not capturing)
+        outs: list[torch.Tensor] = []  # [T,H] per wave
+        add = outs.append
+        self._step.run(layer, ids, compute, rows, top_k_weights, hidden, observe=not capturing, host=work)
+        out = outs[0] if len(outs) == 1 else sum(outs, torch.zeros_like(hidden))
+        if work is not None and work.result is not None:
+            out = (out.float() + work.result).to(hidden.dtype)  # host experts' output, added in fp32
         self._last_layer = (layer, start, self.cache.waits == waits)
         return out
+
+    def host_experts(self) -> HostExperts:
+        """The host expert threads, started on first use."""
+        if self._host is None:
+            self._host = HostExperts(self.store, self.host_threads)
+        return self._host
+
+    def observe_costs(self, timings: list[tuple[int, float]]) -> None:
+        """Feed measured host expert times and the link's mean copy time to the costs the next decisions weigh."""
+        for tokens, seconds in timings:
+            self.costs.observe_host(tokens, seconds)
+        copy_ms = self.cache.engine.mean_copy_ms()
+        if copy_ms is not None:
+            self.costs.observe_copy(copy_ms / 1e3)
+
+    def close(self) -> None:
+        """Stop the host expert threads (unwrap calls this)."""
+        if self._host is not None:
+            self._host.close()
+            self._host = None
 
     def _time_previous_layer(self, layer: int, now: float, tokens: int) -> None:
         """Feed the prefetcher's link budget the previous layer step's time when it waited for no copy.

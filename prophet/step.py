@@ -1,7 +1,7 @@
 """One step of one MoE layer, in the one order every driver shares (DESIGN.md, "One decode step").
 
-    dedup -> acquire (pins the step's experts) -> advance the prefetcher -> remap + compute -> release
-          -> observe -> predict -> submit
+    dedup -> split misses (on_miss) -> host submit -> acquire (pins the step's experts) -> advance the
+          prefetcher -> remap + compute -> release -> host join -> observe -> predict -> submit
 
 The runtime (`prophet.runtime`) computes with real copies and CUDA events, the replay simulator
 (`prophet.sim.replay`) with its cost-model clock, and the free-copy replay (the predictor harness) with nothing
@@ -10,6 +10,11 @@ counts agree exactly. The step's experts are pinned before the prefetcher may ev
 a later layer never takes a slot this layer is about to read. A step that needs more distinct experts than its
 pool holds runs in waves (acquire, compute, release, repeat).
 
+With a `prophet.hybrid.MissPlanner` (``on_miss`` "auto" or "host"), each distinct expert without a resident
+slot (or with its copy in flight) is weighed by `prophet.hybrid.decide`: the ones it sends to the host go to the
+driver's `HostPath` before the device experts are acquired, so the host computes them while the device runs the
+rest, and are joined after the last wave. They count as misses and as host experts, and are never copied.
+
 Whatever is raised inside a step (an out-of-memory, a kernel error, KeyboardInterrupt) releases its pins,
 repairs the cache's maps and resets the predictor, so the next step works and computes the right answer.
 """
@@ -17,11 +22,12 @@ repairs the cache's maps and resets the predictor, so the next step works and co
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from prophet.cache import ExpertCache
+from prophet.hybrid import Choice, MissPlanner
 from prophet.prefetch import Prefetcher
 
 # compute(wave, slots, index): issue the compute of ``wave`` (distinct expert ids) held in ``slots``; ``index``
@@ -29,6 +35,17 @@ from prophet.prefetch import Prefetcher
 Compute = Callable[[Sequence[int], list[int], int], None]
 # after(index, last): called once a wave's slots are released (the simulator admits host-computed experts here).
 After = Callable[[int, bool], None]
+
+
+
+class HostPath(Protocol):
+    """How a driver computes a step's host experts: ``submit`` starts them (before the device experts are
+    issued), ``join`` adds their output to the step's (after the last wave)."""
+
+    def submit(self, experts: list[int], tokens: dict[int, int]) -> None: ...
+
+    def join(self) -> None: ...
+
 
 # Batches with at most this many (token, k) pairs are deduplicated with a Python set; larger ones with a mask.
 _SMALL_DEDUP = 256
@@ -56,10 +73,12 @@ def unique_experts(ids: np.ndarray, num_experts: int) -> tuple[list[int], bool]:
 class Step:
     """The cache, prefetcher and predictor that one driver steps through, layer by layer."""
 
-    def __init__(self, cache: ExpertCache, prefetcher: Prefetcher, predictor: Any = None) -> None:
+    def __init__(self, cache: ExpertCache, prefetcher: Prefetcher, predictor: Any = None,
+                 misses: MissPlanner | None = None) -> None:
         self.cache = cache
         self.prefetcher = prefetcher
         self.predictor = predictor
+        self.misses = misses
         self.prefetching = prefetcher.config.enabled and predictor is not None
 
     def begin_sequence(self) -> None:
@@ -80,13 +99,19 @@ class Step:
         *,
         observe: bool = True,
         after: After | None = None,
+        host: HostPath | None = None,
     ) -> None:
         """One step of ``layer`` over the distinct experts ``ids``; the predictor (when ``observe``) sees
-        ``rows [T,k]`` (host ids), ``weights [T,k]`` and ``hidden [T,H]``."""
+        ``rows [T,k]`` (host ids), ``weights [T,k]`` and ``hidden [T,H]``. With ``host`` and a `MissPlanner`,
+        missed experts may be computed on the host (`split`)."""
         cache = self.cache
         capacity = cache.capacity(layer)
-        waves = max(1, -(-len(ids) // capacity))
         try:
+            offloaded = self.split(layer, ids, rows) if host is not None and self.misses is not None else {}
+            if offloaded:
+                host.submit(list(offloaded), offloaded)
+                ids = [e for e in ids if e not in offloaded]
+            waves = max(1, -(-len(ids) // capacity))
             if not ids:
                 self.prefetcher.advance(layer)
                 if after is not None:
@@ -104,6 +129,8 @@ class Step:
                     cache.stats[layer].waves += 1
                 if after is not None:
                     after(index, index == waves - 1)
+            if offloaded:
+                host.join()
             if observe and self.predictor is not None:
                 self.predictor.observe(layer, rows, weights, hidden)
                 if self.prefetching:
@@ -111,6 +138,21 @@ class Step:
         except BaseException:
             self.abort()
             raise
+
+    def split(self, layer: int, ids: Sequence[int], rows: Any) -> dict[int, int]:
+        """The experts of ``ids`` the planner sends to the host (-> tokens routed to each, from ``rows [T,k]``
+        host ids), counted in the layer's stats as misses and host experts."""
+        absent, inflight = self.cache.missing(layer, ids)
+        if not absent and not inflight:
+            return {}
+        flat = np.asarray(rows).ravel()
+        tokens = {e: int(np.count_nonzero(flat == e)) for e in (*absent, *inflight)}
+        chosen = self.misses.choose(layer, tokens, inflight).experts(Choice.HOST)
+        stats = self.cache.stats[layer]
+        stats.misses += len(chosen)
+        stats.host_experts += len(chosen)
+        stats.host_tokens += sum(tokens[e] for e in chosen)
+        return {e: tokens[e] for e in sorted(chosen)}
 
     def abort(self) -> None:
         """Undo what a failed step left behind: its pins, half-made loads, and a predictor that may have seen

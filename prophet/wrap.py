@@ -178,6 +178,8 @@ def wrap(
     gpu: int | str | None = None,
     expert_dtype: str | WeightFormat | None = None,
     expert_source: ExpertSource | None = None,
+    on_miss: str | None = None,
+    host_threads: int | None = None,
 ) -> nn.Module:
     """Offload ``model``'s experts to host memory behind a device slot cache; returns the same model object.
 
@@ -192,6 +194,10 @@ def wrap(
     ``max_context`` instead plans the device memory (``gpu``: bytes or a profile name; default the CUDA device's
     total): the KV cache for ``batch x max_context`` tokens is allocated (``runtime_of(model).kv_cache``) and
     the rest becomes ``cache_slots`` (``runtime_of(model).plan``).
+
+    ``on_miss`` ("copy", the default; "auto"; "host") says where a missed expert runs: copied to the device,
+    computed on the host CPU (``host_threads`` threads, default detected) while the device runs the others, or
+    whichever the measured costs say finishes first (`prophet.hybrid.decide`).
     """
     if hasattr(model, _ATTR):
         raise AlreadyWrappedError("this model is already wrapped by Prophet; call prophet.unwrap(model) first")
@@ -234,6 +240,10 @@ def wrap(
         config, policy if isinstance(policy, str) else "lru",
         cache_slots=cache_slots, slots_per_layer=slots_per_layer, cache_bytes=cache_bytes,
     )
+    if on_miss is not None or host_threads is not None:
+        if config is not None:
+            raise ConfigError("pass on_miss/host_threads inside config= (ProphetConfig(on_miss=...)), not both")
+        cfg = dataclasses.replace(cfg, on_miss=on_miss or cfg.on_miss, host_threads=host_threads)
     factory = policy_factory(cfg.cache.policy if isinstance(policy, str) else policy)
     if predictor is not None:
         check_predictor(predictor, len(layers), layers[0].num_experts, layers[0].top_k)
@@ -247,7 +257,8 @@ def wrap(
 
     def make_runtime(store: HostStore) -> Runtime:  # after the store is filled: slots never add to its peak
         cache = _new_cache(store, dev, factory, cache_slots, slots_per_layer)
-        runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
+        runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev,
+                          on_miss=cfg.on_miss, host_threads=cfg.host_threads)
         runtime.source = source
         runtime.plan = memory_plan
         runtime.kv_cache = kv_cache
@@ -452,6 +463,7 @@ def unwrap(model: nn.Module) -> nn.Module:
                     layer.set_expert(e, runtime.store.read_canonical(li, e))
             setattr(layer.parent, layer.attr, layer.experts)
     runtime.sequence_hook.remove()
+    runtime.close()
     delattr(model, _ATTR)
     return model
 

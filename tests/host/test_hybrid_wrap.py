@@ -1,0 +1,69 @@
+"""A wrapped model that computes missed experts on the host (``on_miss``) gives the unwrapped model's logits.
+
+One slot per layer, so nearly every expert of every step misses: with ``on_miss="host"`` every miss runs on
+the host threads (no copy at all), with ``"auto"`` the running costs choose per expert. gpt_oss covers biases
+and its clamped activation, deepseek_v2 shared experts and grouped routing, mixtral the plain case.
+"""
+
+import pytest
+import torch
+
+import prophet
+from prophet.errors import ConfigError
+from prophet.models.registry import list_specs
+from prophet.wrap import runtime_of
+
+FAMILIES = {}
+for _spec in list_specs():
+    FAMILIES.setdefault(_spec.model_type, _spec)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v2"])
+@pytest.mark.parametrize("on_miss", ["host", "auto"])
+def test_logits_match_unwrapped(family, on_miss):
+    model = FAMILIES[family].tiny_model(seed=0).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    ref = _logits(model, ids)
+    prophet.wrap(model, device="cpu", slots_per_layer=1, on_miss=on_miss, host_threads=2)
+    out = _logits(model, ids)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    total = prophet.stats(model).total
+    assert total.host_experts > 0 and total.host_tokens >= total.host_experts
+    if on_miss == "host":
+        assert total.bytes_h2d == 0 and total.hits == 0
+        assert total.misses == total.host_experts
+    prophet.unwrap(model)
+    assert torch.allclose(_logits(model, ids), ref)
+
+
+def test_host_failure_leaves_model_usable(monkeypatch):
+    model = FAMILIES["mixtral"].tiny_model(seed=1).eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    ref = _logits(model, ids)
+    prophet.wrap(model, device="cpu", slots_per_layer=1, on_miss="host", host_threads=1)
+    runtime = runtime_of(model)
+    host = runtime.host_experts()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("host kernel failed")
+
+    monkeypatch.setattr(host, "expert", broken)
+    with pytest.raises(RuntimeError, match="host kernel failed"):
+        _logits(model, ids)
+    assert runtime.cache.pinned() == 0
+    monkeypatch.undo()
+    out = _logits(model, ids)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_on_miss_with_config_is_refused():
+    model = FAMILIES["mixtral"].tiny_model(seed=2).eval()
+    with pytest.raises(ConfigError, match="on_miss"):
+        prophet.wrap(model, device="cpu", config=prophet.ProphetConfig(), on_miss="host")
+    with pytest.raises(ConfigError, match="on_miss"):
+        prophet.wrap(model, device="cpu", slots_per_layer=1, on_miss="never")
