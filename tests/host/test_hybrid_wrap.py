@@ -10,6 +10,7 @@ import torch
 
 import prophet
 from prophet.errors import ConfigError
+from prophet.hybrid import MissCosts
 from prophet.models.registry import list_specs
 from prophet.wrap import runtime_of
 
@@ -67,3 +68,18 @@ def test_on_miss_with_config_is_refused():
         prophet.wrap(model, device="cpu", config=prophet.ProphetConfig(), on_miss="host")
     with pytest.raises(ConfigError, match="on_miss"):
         prophet.wrap(model, device="cpu", slots_per_layer=1, on_miss="never")
+
+
+def test_mixed_host_and_copied_experts_in_waves():
+    """Costs that send the experts with few tokens to the host and the rest to the link: both paths and the
+    device's waves (one slot per layer) run in one step, and the sum is still exact."""
+    model = FAMILIES["mixtral"].tiny_model(seed=3).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 8))
+    ref = _logits(model, ids)
+    prophet.wrap(model, device="cpu", slots_per_layer=1, on_miss="auto", host_threads=1)
+    runtime_of(model).costs.costs = MissCosts(copy_s=1.0, host_fixed_s=0.5, host_token_s=0.4)
+    runtime_of(model).costs.decay = 1.0  # keep these costs: the test is about the split, not the measurements
+    out = _logits(model, ids)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    total = prophet.stats(model).total
+    assert total.host_experts > 0 and total.bytes_h2d > 0 and total.waves > 0
