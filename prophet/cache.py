@@ -35,6 +35,7 @@ class LayerStats:
     host_tokens: int = 0  # token-expert pairs those host experts computed
     host_ms: float = 0.0  # wall time of the host experts' work (their future's run), summed over steps
     host_wait_ms: float = 0.0  # time the step waited for host results after its GPU work was queued
+    admitted: int = 0  # host experts copied into the cache in the background (on_miss="auto"; also in prefetches)
 
     def add(self, other: LayerStats) -> None:
         for name in self.__dataclass_fields__:

@@ -236,6 +236,7 @@ class PolicyRun:
     policy: str | Callable[[], Any]
     predictor: Any = None
     prefetch: PrefetchConfig | None = None  # how predictions become copies (default: the measured link budget)
+    on_miss: str = "copy"  # where missed experts run (`prophet.wrap`)
 
 
 def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting | None, *, cache_slots: int,
@@ -248,7 +249,7 @@ def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting
     results = []
     for run in runs:
         reconfigure(model, cache_slots=cache_slots, policy=run.policy, predictor=run.predictor,
-                    prefetch=run.prefetch or PrefetchConfig(auto_budget=True))
+                    prefetch=run.prefetch or PrefetchConfig(auto_budget=True), on_miss=run.on_miss)
         if routing is not None:
             routing.attach(layers)
         r = decode(model, routing, batch=batch, prompt=prompt, steps=steps, warmup=warmup, kv=kv, progress=progress)

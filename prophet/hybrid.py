@@ -186,6 +186,7 @@ class MissPlanner:
     def __init__(self, on_miss: str, costs: RunningCosts) -> None:
         self.allow = allowed(on_miss)
         self.running = costs
+        self.admit = on_miss == "auto"  # copy host experts into the cache in the background ("host": never copy)
 
     def queues(self, layer: int) -> tuple[float, float]:
         """``(link_free_s, host_free_s)``: when the link and the host threads finish the work queued so far."""

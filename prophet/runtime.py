@@ -168,7 +168,8 @@ class Runtime:
         self.host_threads = host_threads
         self._host: HostExperts | None = None  # started on the first host expert
         self.costs = RunningCosts(seed_costs(store.slab_bytes, store.fmt.params))
-        self._misses = MissPlanner(on_miss, self.costs) if on_miss != "copy" else None
+        self._misses: MissPlanner | None = None
+        self.set_on_miss(on_miss)
         self._step = Step(cache, prefetcher, predictor, self._misses)
 
     def settle(self) -> None:
@@ -245,6 +246,11 @@ class Runtime:
             out = (out.float() + work.result).to(hidden.dtype)  # host experts' output, added in fp32
         self._last_layer = (layer, start, self.cache.waits == waits)
         return out
+
+    def set_on_miss(self, on_miss: str) -> None:
+        """Where missed experts run from the next `settle` on ("copy", "auto", "host")."""
+        self.on_miss = on_miss
+        self._misses = MissPlanner(on_miss, self.costs) if on_miss != "copy" else None
 
     def host_experts(self) -> HostExperts:
         """The host expert threads, started on first use."""

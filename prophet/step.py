@@ -1,7 +1,7 @@
 """One step of one MoE layer, in the one order every driver shares (DESIGN.md, "One decode step").
 
     dedup -> split misses (on_miss) -> host submit -> acquire (pins the step's experts) -> advance the
-          prefetcher -> remap + compute -> release -> host join -> observe -> predict -> submit
+          prefetcher -> remap + compute -> release -> host join (+ admit) -> observe -> predict -> submit
 
 The runtime (`prophet.runtime`) computes with real copies and CUDA events, the replay simulator
 (`prophet.sim.replay`) with its cost-model clock, and the free-copy replay (the predictor harness) with nothing
@@ -13,7 +13,8 @@ pool holds runs in waves (acquire, compute, release, repeat).
 With a `prophet.hybrid.MissPlanner` (``on_miss`` "auto" or "host"), each distinct expert without a resident
 slot (or with its copy in flight) is weighed by `prophet.hybrid.decide`: the ones it sends to the host go to the
 driver's `HostPath` before the device experts are acquired, so the host computes them while the device runs the
-rest, and are joined after the last wave. They count as misses and as host experts, and are never copied.
+rest, and are joined after the last wave. They count as misses and as host experts; with ``on_miss="auto"`` they
+are then admitted into the cache by background copies (`admit`), with ``"host"`` never copied.
 
 Whatever is raised inside a step (an out-of-memory, a kernel error, KeyboardInterrupt) releases its pins,
 repairs the cache's maps and resets the predictor, so the next step works and computes the right answer.
@@ -131,6 +132,8 @@ class Step:
                     after(index, index == waves - 1)
             if offloaded:
                 host.join()
+                if self.misses.admit:
+                    self.admit(layer, offloaded)
             if observe and self.predictor is not None:
                 self.predictor.observe(layer, rows, weights, hidden)
                 if self.prefetching:
@@ -153,6 +156,14 @@ class Step:
         stats.host_experts += len(chosen)
         stats.host_tokens += sum(tokens[e] for e in chosen)
         return {e: tokens[e] for e in sorted(chosen)}
+
+    def admit(self, layer: int, experts: Sequence[int]) -> None:
+        """Copy host experts into the cache in the background, as prefetches, while fewer than the prefetcher's
+        ``max_inflight`` copies are in flight: one used again soon is then a hit."""
+        stats = self.cache.stats[layer]
+        for e in experts:
+            if self.cache.inflight() < self.prefetcher.config.max_inflight and self.cache.prefetch(layer, e):
+                stats.admitted += 1
 
     def abort(self) -> None:
         """Undo what a failed step left behind: its pins, half-made loads, and a predictor that may have seen

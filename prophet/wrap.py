@@ -29,6 +29,7 @@ from prophet.errors import (
     ProphetError,
 )
 from prophet.formats import WeightFormat, dense_format, slab_layout, weight_format
+from prophet.hybrid import allowed
 from prophet.layer import OffloadedExperts
 from prophet.models.adapter import Adapter, MoELayer, moe_layers
 from prophet.plan import Plan, model_sizes, plan, resolve_gpu
@@ -403,11 +404,15 @@ def reconfigure(
     policy: str | Callable[[], EvictionPolicy] = "lru",
     predictor: Predictor | None = None,
     prefetch: PrefetchConfig | None = None,
+    on_miss: str | None = None,
 ) -> Runtime:
     """Give a wrapped model a new, empty expert cache (size, policy), prefetcher and predictor over the same
     host store, so a sweep over cache settings never copies the experts again. Give exactly one of
-    ``cache_slots`` or ``slots_per_layer``; counters start from zero."""
+    ``cache_slots`` or ``slots_per_layer``; counters start from zero. ``on_miss`` (None: unchanged) as in
+    `wrap`."""
     runtime = runtime_of(model)
+    if on_miss is not None:
+        allowed(on_miss)  # a ConfigError naming the choices, before anything changes
     if (cache_slots is None) == (slots_per_layer is None):
         raise ConfigError("reconfigure needs exactly one of cache_slots (a shared pool) or slots_per_layer")
     CacheConfig(cache_slots=cache_slots, slots_per_layer=slots_per_layer)  # positive whole numbers
@@ -432,6 +437,8 @@ def reconfigure(
                             "reconfigure again with fewer slots before running the model") from exc
     runtime.prefetcher = Prefetcher(runtime.cache, prefetch or old_config)
     runtime.predictor = predictor
+    if on_miss is not None:
+        runtime.set_on_miss(on_miss)
     runtime.settle()
     return runtime
 

@@ -26,6 +26,7 @@ from prophet.cache import ExpertCache
 from prophet.config import PrefetchConfig
 from prophet.errors import ConfigError
 from prophet.hardware import HardwareProfile, get_profile
+from prophet.hybrid import MissPlanner, RunningCosts, allowed
 from prophet.models.adapter import ExpertFormat
 from prophet.models.registry import get_spec
 from prophet.models.spec import ModelSpec
@@ -228,12 +229,13 @@ class ReplayResult:
     tokens: int
     context: int
     overlap: bool
-    cpu_fallback: bool
+    cpu_fallback: bool  # on_miss is not "copy"
+    on_miss: str
     tokens_per_s: float
     step_s: float
     compute_s: float
     stall_s: float
-    cpu_s: float  # CPU time of missed experts beyond the GPU's share of the layer (cpu_fallback)
+    cpu_s: float  # CPU time of host experts beyond the GPU's share of the layer (on_miss)
     copy_busy_s: float
     hit_rate: float
     hits: int
@@ -256,9 +258,50 @@ class ReplayResult:
         return {**asdict(self), "loads_per_token": self.loads_per_token}
 
 
-def _count_tokens(experts: np.ndarray) -> dict[int, int]:
-    ids, counts = np.unique(experts[experts >= 0], return_counts=True)
-    return dict(zip(ids.tolist(), counts.tolist(), strict=True))
+class _SimPlanner(MissPlanner):
+    """`MissPlanner` on the cost model's costs and the simulated link's clock."""
+
+    def __init__(self, on_miss: str, cost: CostModel, engine: SimCopyEngine) -> None:
+        super().__init__(on_miss, RunningCosts(cost.miss_costs()))
+        self.engine = engine
+
+    def queues(self, layer: int) -> tuple[float, float]:
+        return max(0.0, self.engine.link_free - self.engine.now), 0.0
+
+    def ready_s(self, load: Any) -> float:
+        return max(0.0, load.done_at - self.engine.now)
+
+
+def _device_idle(engine: SimCopyEngine, totals: dict[str, Any], gpu: float, cpu: float) -> None:
+    """A layer step with no expert on the device: its time is the non-expert part or the host's, whichever is
+    longer; copies issued now start at its beginning."""
+    begin = engine.now
+    engine.now = begin + max(gpu, cpu)
+    engine.issue_at = begin
+    totals["compute"] += gpu
+    totals["cpu"] += max(gpu, cpu) - gpu
+
+
+class _SimHost:
+    """The simulator's `prophet.step.HostPath`: host experts cost the model's time, one after another on the
+    host threads; the device's last wave ends no earlier than they do."""
+
+    def __init__(self, engine: SimCopyEngine, totals: dict[str, Any], planner: _SimPlanner, distinct: int,
+                 idle_gpu_s: float) -> None:
+        self.engine, self.totals, self.planner = engine, totals, planner
+        self.distinct, self.idle_gpu_s = distinct, idle_gpu_s
+        self.experts: list[int] = []
+        self.cpu = 0.0
+
+    def submit(self, experts: list[int], tokens: dict[int, int]) -> None:
+        self.experts = experts
+        costs = self.planner.running.costs
+        self.cpu = sum(costs.host_s(tokens[e]) for e in experts)
+        if len(experts) == self.distinct:  # every expert on the host: no device wave will move the clock
+            _device_idle(self.engine, self.totals, self.idle_gpu_s, self.cpu)
+
+    def join(self) -> None:
+        """Nothing to wait for: the device's last wave already ran until the host was done."""
 
 
 def replay(
@@ -278,6 +321,7 @@ def replay(
     expert_dtype: str | None = None,
     overlap: bool = True,
     cpu_fallback: bool = False,
+    on_miss: str = "copy",
     prefetch: PrefetchConfig | None = None,
     sched: Schedule | None = None,
     sequences: bool = True,
@@ -288,7 +332,9 @@ def replay(
 
     ``predictor``: None, a name (see `make_predictor`) or a `Predictor`; its predictions are prefetched
     (``prefetch`` config; by default enabled when a predictor is given, within the cost model's link budget,
-    `prophet.prefetch.Prefetcher.threshold`). ``cpu_fallback`` runs missed experts
+    `prophet.prefetch.Prefetcher.threshold`). ``on_miss`` ("copy", "auto", "host"; `cpu_fallback` is
+    ``on_miss="host"``) decides in the step, as the runtime does, where each missed expert runs
+    (`prophet.hybrid.decide` on ``cost.miss_costs()``); the host runs missed experts
     on the host CPU while the GPU runs the resident ones, and admits them into the cache with background
     copies. ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch``, ``steps`` and
     ``prompt``). ``sequences``: reset the predictor where a trace sequence starts (batch 1); else only before the
@@ -309,7 +355,7 @@ def replay(
     cost = CostModel(spec, profile, dtype, context, expert_dtype)
     return _drive(trace, sched, policy, predictor, SimCopyEngine(profile, cost.expert_bytes, overlap=overlap), cost,
                   slots_per_layer=slots_per_layer, cache_slots=cache_slots, prefetch=prefetch,
-                  cpu_fallback=cpu_fallback, sequences=sequences, progress=progress, label=label,
+                  on_miss="host" if cpu_fallback else on_miss, sequences=sequences, progress=progress, label=label,
                   meta={"model": spec.name, "gpu": profile.name, "context": context, "overlap": overlap})
 
 
@@ -338,7 +384,7 @@ def replay_counts(
     sched = schedule(trace, batch, steps, prompt)
     engine = SimCopyEngine(None, expert_bytes or 1)
     r = _drive(trace, sched, policy, predictor, engine, None, slots_per_layer=slots_per_layer,
-               cache_slots=cache_slots, prefetch=prefetch or PrefetchConfig(enabled=False), cpu_fallback=False,
+               cache_slots=cache_slots, prefetch=prefetch or PrefetchConfig(enabled=False), on_miss="copy",
                sequences=sequences, progress=progress, label=name,
                meta={"model": trace.name, "gpu": "free copies", "context": 0, "overlap": True})
     if name is not None:
@@ -357,7 +403,7 @@ def _drive(
     slots_per_layer: int | None,
     cache_slots: int | None,
     prefetch: PrefetchConfig | None,
-    cpu_fallback: bool,
+    on_miss: str,
     sequences: bool,
     progress: bool,
     meta: dict[str, Any],
@@ -371,8 +417,10 @@ def _drive(
     if isinstance(predictor, str):
         predictor = make_predictor(predictor, trace, sched)
     policy_name, factory = _policy_factory(policy, lambda: access_positions(access_stream(sched)), predictor)
-    if cpu_fallback and policy_name == "belady":
-        raise ConfigError("belady needs every expert to pass through the cache; it cannot run with cpu_fallback")
+    allowed(on_miss)  # a ConfigError naming the choices
+    if on_miss != "copy" and policy_name == "belady":
+        raise ConfigError(f"belady needs every expert to pass through the cache; it cannot run with on_miss={on_miss!r} "
+                          "(cpu_fallback)")
     store = HostStore(L, E, _TINY, torch.float32, pin=False)
     cache = ExpertCache(
         store, torch.device("cpu"), engine, factory, cache_slots=cache_slots, slots_per_layer=slots_per_layer
@@ -381,11 +429,12 @@ def _drive(
     # By default prefetch within the link budget: only predictions whose hidden compute outweighs their risk.
     config = prefetch or PrefetchConfig(enabled=predictor is not None, **cost.link_budget(distinct, B))
     prefetcher = Prefetcher(cache, config)
-    step = Step(cache, prefetcher, predictor)
+    planner = _SimPlanner(on_miss, cost, engine) if on_miss != "copy" else None
+    step = Step(cache, prefetcher, predictor, planner)
     seq_start = np.zeros(trace.num_tokens, dtype=bool)
     seq_start[trace.seq_offsets[:-1]] = True
     resets = sequences and B == 1  # a batch mixes sequences: no single point to reset at
-    totals = {"compute": 0.0, "cpu": 0.0, "cpu_misses": 0, "admitted": 0}
+    totals = {"compute": 0.0, "cpu": 0.0}
     # GPU time of a layer step by (distinct experts, tokens), computed once per pair
     layer_seconds = functools.lru_cache(maxsize=None)(cost.layer_seconds if cost is not None else lambda n, t: 0.0)
 
@@ -396,23 +445,17 @@ def _drive(
             step.begin_sequence()
         for layer in range(L):
             ids = sched.ids(s, layer)
-            missed: list[int] = []
-            if cpu_fallback:
-                missed = [e for e in ids if not cache.resident(layer, e)]
-                ids = [e for e in ids if cache.resident(layer, e)]
-            gpu = layer_seconds(len(ids), tokens)
-            cpu = 0.0
-            if missed:
-                counts = _count_tokens(trace.experts[rows, layer])
-                cpu = sum(cost.cpu_expert_seconds(counts[e]) for e in missed)
-                totals["cpu_misses"] += len(missed)
+            host = _SimHost(engine, totals, planner, len(ids), layer_seconds(0, tokens)) if planner is not None else None
             capacity = cache.capacity(layer)
-            last_wave = max(0, (len(ids) - 1) // capacity)
 
-            def compute(wave: Any, slots: list[int], index: int, ids=ids, gpu=gpu, cpu=cpu, last_wave=last_wave,
-                        layer=layer) -> None:
-                share = gpu * len(wave) / len(ids)
-                run = max(share, cpu) if index == last_wave else share  # the CPU's experts finish with the layer
+            def compute(wave: Any, slots: list[int], index: int, ids=ids, host=host, layer=layer, tokens=tokens,
+                        capacity=capacity) -> None:
+                device = len(ids) - (len(host.experts) if host is not None else 0)
+                gpu = layer_seconds(device, tokens)
+                cpu = host.cpu if host is not None else 0.0
+                share = gpu * len(wave) / device
+                last = index == (device - 1) // capacity
+                run = max(share, cpu) if last else share  # the host's experts finish with the layer
                 begin = engine.now
                 # the kernels are queued; the clock moves to their end, while copies the host issues now
                 # (admissions, prefetches) start at ``begin`` on the link when copies overlap compute
@@ -422,28 +465,21 @@ def _drive(
                 totals["cpu"] += run - share
                 engine.computing(cache.pool(layer).data, slots, begin + run)
 
-            def after(index: int, last: bool, missed=missed, layer=layer) -> None:
-                if not last:
+            def after(index: int, last: bool) -> None:
+                if not last:  # the last wave's start stays the issue time of the admissions that follow it
                     engine.issue_at = None
-                    return
-                for e in missed:  # admit the CPU's experts in the background, within the prefetch bound
-                    if cache.inflight() < config.max_inflight and cache.prefetch(layer, e):
-                        totals["admitted"] += 1
 
-            if not ids:  # nothing on the GPU: the layer's time is the CPU's (or nothing)
-                begin = engine.now
-                engine.now = begin + max(gpu, cpu)
-                engine.issue_at = begin
-                totals["compute"] += gpu
-                totals["cpu"] += max(gpu, cpu) - gpu
+            if not ids:  # nothing to compute: the layer's time is its non-expert part
+                _device_idle(engine, totals, layer_seconds(0, tokens), 0.0)
             hidden = None if trace.hidden is None or B > 1 else trace.hidden[rows, layer]
-            step.run(layer, ids, compute, trace.experts[rows, layer], trace.weights[rows, layer], hidden, after=after)
+            step.run(layer, ids, compute, trace.experts[rows, layer], trace.weights[rows, layer], hidden, after=after,
+                     host=host)
             engine.issue_at = None
 
     total = cache.total_stats()
     seconds = engine.now
     n_tokens = S * B
-    misses = total.misses + totals["cpu_misses"]
+    misses = total.misses  # host experts included (the step counts them)
     loads = engine.copies
     return ReplayResult(
         model=meta["model"],
@@ -457,7 +493,8 @@ def _drive(
         tokens=n_tokens,
         context=meta["context"],
         overlap=meta["overlap"],
-        cpu_fallback=cpu_fallback,
+        cpu_fallback=on_miss != "copy",
+        on_miss=on_miss,
         tokens_per_s=n_tokens / seconds if seconds > 0 else float("inf"),
         step_s=seconds / S,
         compute_s=totals["compute"] / S,
@@ -467,10 +504,10 @@ def _drive(
         hit_rate=total.hits / (total.hits + misses) if total.hits + misses else 0.0,
         hits=total.hits,
         misses=misses,
-        cpu_misses=totals["cpu_misses"],
+        cpu_misses=total.host_experts,
         loads=loads,
         bytes_h2d=loads * engine.expert_bytes,
-        prefetches=total.prefetches - totals["admitted"],
+        prefetches=total.prefetches - total.admitted,
         prefetch_hits=total.prefetch_hits,
         wasted_prefetches=total.wasted_prefetches,
         distinct_per_layer=distinct,

@@ -1,0 +1,41 @@
+"""The runtime and the simulator take the host decision in the same step: with every miss forced to the host,
+the measured (CPU runtime, forced routing) and simulated counters agree exactly."""
+
+import pytest
+import torch
+
+import prophet
+from prophet import decode as dec
+from prophet.config import PrefetchConfig
+from prophet.models import get_spec
+from prophet.predict.data import as_router_trace
+from prophet.routing import ForcedRouting
+from prophet.sim import replay, schedule
+from prophet.trace.synth import synthetic_trace
+
+SPEC = get_spec("mixtral").tiny()  # 2 MoE layers x 8 experts, top-2
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forced_host_counts_agree_with_the_simulator(batch):
+    r = as_router_trace(synthetic_trace(SPEC.num_moe_layers, SPEC.num_experts, SPEC.top_k, num_sequences=2,
+                                        tokens_per_sequence=48, seed=4, progress=False))
+    prompt, steps, slots = 4, 12, 5
+    sched = schedule(r, batch, 1 + steps, prompt=prompt)
+    model = dec.random_model(SPEC, torch.float32, torch.device("cpu"), cache_slots=slots)
+    routing = ForcedRouting(r.experts, sched.rows, "cpu")
+    off = PrefetchConfig(enabled=False)
+    dec.run_policies(model, [dec.PolicyRun("lru", "lru", None, off, on_miss="host")], routing, cache_slots=slots,
+                     batch=batch, prompt=prompt, steps=steps, warmup=0)
+    real = prophet.stats(model).total
+    sim = replay(r, SPEC, "h100-sxm", cache_slots=slots, sched=sched, sequences=False, on_miss="host", prefetch=off,
+                 progress=False)
+    assert (real.hits, real.misses, real.host_experts) == (sim.hits, sim.misses, sim.cpu_misses)
+    assert real.host_experts > 0 and real.bytes_h2d == 0 and sim.loads == 0
+
+
+def test_replay_refuses_an_unknown_on_miss():
+    r = as_router_trace(synthetic_trace(SPEC.num_moe_layers, SPEC.num_experts, SPEC.top_k, num_sequences=1,
+                                        tokens_per_sequence=8, seed=0, progress=False))
+    with pytest.raises(prophet.errors.ConfigError, match="on_miss"):
+        replay(r, SPEC, "h100-sxm", cache_slots=4, on_miss="never", progress=False)
