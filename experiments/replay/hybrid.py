@@ -4,12 +4,12 @@ Out of sample: path matching is fitted on sequence 0 of the shared Mixtral trace
 Plans: H100 at 128K context (172 shared slots) and RTX 4090 at 8K (48 slots), from `prophet.plan.plan`.
 Rows per profile:
 
-    copy LRU                 every miss copied (the runtime today)
-    hybrid LRU               misses on the host (`replay(cpu_fallback=True)`), every host expert admitted in
-                             the background, up to 8 copies in flight (the replay's default)
-    hybrid LRU, 1 in flight  admissions one at a time: a copy never queues behind another, so it lands before
-                             the expert's next use a token later (the replay waits for an in-flight copy; the
-                             step's `prophet.hybrid.decide` would compute it on the host instead)
+    copy LRU                 every miss copied (``on_miss="copy"``)
+    host LRU, no admission   every miss on the host and never copied (``on_miss="host"``)
+    hybrid LRU               ``on_miss="auto"``: the step's `prophet.hybrid.decide` per missed expert (wait for
+                             its in-flight copy, copy, or host), host experts admitted in the background, up to
+                             8 copies in flight (the replay's default)
+    hybrid LRU, 1 in flight  admissions one at a time: a copy never queues behind another
     prophet hybrid (...)     path-matching eviction, prefetch within the link budget, same admission settings
 
 Beside them, `prophet.hybrid.decide` on the trace's token counts per expert: the share of missed experts it
@@ -77,11 +77,12 @@ def panel(spec: Any, trace: Any, gpu: str, context: int) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {  # row -> replay arguments (prophet: fitted path matching)
         "copy LRU": {},
         "copy prophet": {"prophet": True},
-        "hybrid LRU": {"cpu_fallback": True},
-        "hybrid LRU, 1 in flight": {"cpu_fallback": True, "prefetch": one},
-        "prophet hybrid": {"prophet": True, "cpu_fallback": True},
-        "prophet hybrid, 1 in flight, no prefetch": {"prophet": True, "cpu_fallback": True, "prefetch": one},
-        "prophet hybrid, 1 in flight, budgeted prefetch": {"prophet": True, "cpu_fallback": True, "prefetch": budgeted},
+        "host LRU, no admission": {"on_miss": "host"},
+        "hybrid LRU": {"on_miss": "auto"},
+        "hybrid LRU, 1 in flight": {"on_miss": "auto", "prefetch": one},
+        "prophet hybrid": {"prophet": True, "on_miss": "auto"},
+        "prophet hybrid, 1 in flight, no prefetch": {"prophet": True, "on_miss": "auto", "prefetch": one},
+        "prophet hybrid, 1 in flight, budgeted prefetch": {"prophet": True, "on_miss": "auto", "prefetch": budgeted},
     }
     rows = []
     for name, args in tqdm(runs.items(), desc=gpu):

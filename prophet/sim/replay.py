@@ -332,11 +332,11 @@ def replay(
 
     ``predictor``: None, a name (see `make_predictor`) or a `Predictor`; its predictions are prefetched
     (``prefetch`` config; by default enabled when a predictor is given, within the cost model's link budget,
-    `prophet.prefetch.Prefetcher.threshold`). ``on_miss`` ("copy", "auto", "host"; `cpu_fallback` is
-    ``on_miss="host"``) decides in the step, as the runtime does, where each missed expert runs
-    (`prophet.hybrid.decide` on ``cost.miss_costs()``); the host runs missed experts
-    on the host CPU while the GPU runs the resident ones, and admits them into the cache with background
-    copies. ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch``, ``steps`` and
+    `prophet.prefetch.Prefetcher.threshold`). ``on_miss`` ("copy", "auto", "host"; ``cpu_fallback`` is
+    ``on_miss="auto"``) decides in the step, as the runtime does, where each missed expert runs
+    (`prophet.hybrid.decide` on ``cost.miss_costs()``): host experts run on the host CPU while the GPU runs the
+    resident ones, and "auto" admits them into the cache with background copies ("host" never copies).
+    ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch``, ``steps`` and
     ``prompt``). ``sequences``: reset the predictor where a trace sequence starts (batch 1); else only before the
     first step, as the runtime does for one generation over these rows.
     ``label`` names the progress bar (default: the policy), so it matches the caller's row name.
@@ -355,7 +355,7 @@ def replay(
     cost = CostModel(spec, profile, dtype, context, expert_dtype)
     return _drive(trace, sched, policy, predictor, SimCopyEngine(profile, cost.expert_bytes, overlap=overlap), cost,
                   slots_per_layer=slots_per_layer, cache_slots=cache_slots, prefetch=prefetch,
-                  on_miss="host" if cpu_fallback else on_miss, sequences=sequences, progress=progress, label=label,
+                  on_miss="auto" if cpu_fallback else on_miss, sequences=sequences, progress=progress, label=label,
                   meta={"model": spec.name, "gpu": profile.name, "context": context, "overlap": overlap})
 
 
