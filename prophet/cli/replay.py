@@ -46,7 +46,9 @@ def register(sub: Any) -> None:
     p.add_argument("--expert-dtype", default=None, help="experts stored quantized: int4, int8, fp8, mxfp4, or a "
                    "modelled width such as 2.6bit (default: bf16)")
     p.add_argument("--no-overlap", action="store_true", help="copies block compute (synchronous engine)")
-    p.add_argument("--cpu-fallback", action="store_true", help="run missed experts on the host CPU")
+    p.add_argument("--on-miss", choices=("copy", "auto", "host"), default="copy",
+                   help="where missed experts run; auto or host adds those rows beside the copy-only ones")
+    p.add_argument("--cpu-fallback", action="store_true", help="the same as --on-miss auto")
     p.add_argument("--prefetch", choices=("budget", "all", "none"), default="budget",
                    help="which predictions are copied ahead: within the link budget, all of them, or none")
     p.add_argument("--progress", action="store_true", help="show a progress bar per replay")
@@ -80,7 +82,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     record = replay_record(trace, spec, profile, args.policy, predictor=args.predictor, fit=fit,
                            in_sample=args.in_sample, slots_per_layer=args.slots_per_layer,
                            cache_slots=args.cache_slots, batch=args.batch, steps=args.steps, repeat=args.repeat,
-                           context=args.context, overlap=not args.no_overlap, cpu_fallback=args.cpu_fallback,
+                           context=args.context, overlap=not args.no_overlap,
+                           on_miss="auto" if args.cpu_fallback else args.on_miss,
                            prefetch=args.prefetch, expert_dtype=args.expert_dtype, progress=args.progress)
     config = {k: v for k, v in vars(args).items() if k not in ("handler", "progress", "out")}
     record |= {"config": config | {"model": spec.name, "trace_name": trace.name, "policy": list(args.policy)},

@@ -74,16 +74,19 @@ def best_line(rows: list[dict[str, Any]]) -> str | None:
 
 def replay_policies(sample: Sample, spec: ModelSpec, profile: HardwareProfile, names: Sequence[str],
                     predictor: str | None, sched: Schedule, *, everywhere: bool = False, progress: bool = True,
-                    **replay_args: Any) -> list[dict[str, Any]]:
-    """Replay ``sample.replay`` once per policy name (predictors fitted on ``sample.fit``); rows keep the name."""
+                    on_miss: Sequence[str] = ("copy",), **replay_args: Any) -> list[dict[str, Any]]:
+    """Replay ``sample.replay`` once per policy name and ``on_miss`` mode (predictors fitted on ``sample.fit``);
+    rows keep the name, with the mode after it unless it is "copy"."""
     rows = []
-    for name in names:
-        policy, pred = assign(name, predictor, everywhere)
-        model = None if pred is None else make_predictor(pred, sample.fit if sample.fit is not None else sample.replay,
-                                                          sched)
-        r = replay(sample.replay, spec, profile, policy=policy, predictor=model, sched=sched, progress=progress,
-                   label=name, **replay_args)
-        rows.append({**r.to_dict(), "policy": name})
+    for mode in on_miss:
+        for name in names:
+            policy, pred = assign(name, predictor, everywhere)
+            fit = sample.fit if sample.fit is not None else sample.replay
+            model = None if pred is None else make_predictor(pred, fit, sched)
+            label = name if mode == "copy" else f"{name} ({mode})"
+            r = replay(sample.replay, spec, profile, policy=policy, predictor=model, sched=sched, progress=progress,
+                       label=label, on_miss=mode, **replay_args)
+            rows.append({**r.to_dict(), "policy": label})
     return rows
 
 
@@ -102,10 +105,12 @@ def replay_record(trace: RouterTrace, spec: ModelSpec, profile: HardwareProfile,
                   predictor: str | None = None, fit: RouterTrace | None = None, in_sample: bool = False,
                   slots_per_layer: int | None = None, cache_slots: int | None = None, batch: int = 1,
                   steps: int | None = None, repeat: bool = False, context: int = 2048, overlap: bool = True,
-                  cpu_fallback: bool = False, prefetch: str = "budget", expert_dtype: str | None = None,
+                  on_miss: str = "copy", prefetch: str = "budget", expert_dtype: str | None = None,
                   progress: bool = False) -> dict[str, Any]:
     """``prophet-bench replay``: each policy on the held-out routing (``predictor`` prefetching for every
-    policy), beside the bounds; the record names the sample and how often it was played.
+    policy), beside the bounds; the record names the sample and how often it was played. ``on_miss`` other
+    than "copy" adds each policy's rows with missed experts decided by `prophet.hybrid.decide`, beside the
+    copy-only ones.
 
     ``prefetch``: ``budget`` copies a prediction only where the compute it hides outweighs the link time it
     risks (the default), ``all`` copies every prediction, ``none`` evicts by prediction but copies nothing ahead.
@@ -124,7 +129,8 @@ def replay_record(trace: RouterTrace, spec: ModelSpec, profile: HardwareProfile,
     sched = schedule(sample.replay, batch, steps)
     cap = {"slots_per_layer": slots_per_layer, "cache_slots": cache_slots}
     results = replay_policies(sample, spec, profile, policies, predictor, sched, everywhere=True, progress=progress,
-                              batch=batch, context=context, overlap=overlap, cpu_fallback=cpu_fallback,
+                              batch=batch, context=context, overlap=overlap,
+                              on_miss=("copy",) if on_miss == "copy" else ("copy", on_miss),
                               prefetch=configs[prefetch], expert_dtype=expert_dtype, **cap)
     limits = bounds(spec, profile, batch, trace=sample.replay, context=context, sched=sched, expert_dtype=expert_dtype,
                     **cap)

@@ -160,3 +160,13 @@ def test_bad_input_is_one_line_and_exit_code_2_before_any_work(capsys, tmp_path,
     assert code == 2 and out == "", err
     assert len(lines) == 1 and lines[0].startswith("prophet-bench: error: "), err
     assert fix in lines[0] and "Traceback" not in err
+
+
+def test_replay_reports_hybrid_beside_copy_only(capsys, tiny_trace):
+    code, out, err = run(capsys, "replay", "--trace", tiny_trace, "--model", "mixtral-tiny", "--cache-slots", "8",
+                         "--policy", "lru,prophet", "--on-miss", "auto")
+    rows = record(out)["results"]
+    assert code == 0 and [x["policy"] for x in rows] == ["lru", "prophet", "lru (auto)", "prophet (auto)"]
+    assert [x["on_miss"] for x in rows] == ["copy", "copy", "auto", "auto"]
+    assert rows[0]["cpu_misses"] == 0 and rows[2]["cpu_misses"] > 0
+    assert "lru (auto)" in err
