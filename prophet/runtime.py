@@ -225,7 +225,9 @@ class Runtime:
             valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
             top_k_index = torch.where(valid, top_k_index, ids[0] if ids else 0)
             top_k_weights = top_k_weights * valid
-        work = HostWork(self, layer, hidden, top_k_index, top_k_weights) if self._misses is not None else None
+        # a CUDA graph being captured cannot wait for the host: its steps copy every miss
+        hybrid = self._misses is not None and not capturing
+        work = HostWork(self, layer, hidden, top_k_index, top_k_weights) if hybrid else None
 
         def compute(wave: Any, slots: list[int], index: int) -> None:
             weights = top_k_weights if work is None else work.device_weights()  # host pairs weigh 0
