@@ -53,6 +53,7 @@ FIT_WINDOWS, TEST_WINDOWS = 64, 32  # windows of SEQ characters from the trainin
 SKETCH_DIMS = (8, 16, 32, 64, 128)  # 128 = the hidden size: the sketch is then invertible
 NARROW = 32  # the sketch width the headline table uses
 DISTANCES = (1, 2)
+UNITS = 128  # the learned head's hidden layer (the linear head is measured too)
 TARGETS = {1: 0.85, 2: 0.75}  # issue 16: next layer, two layers ahead, held-out text
 
 
@@ -77,6 +78,16 @@ def score(predictor, test: RouterTrace) -> dict:
     rep = recall_report(predictor, test, distances=list(DISTANCES))["distances"]
     k = test.top_k
     return {str(d): round(rep[str(d)][f"recall@{k}"], 4) for d in DISTANCES}
+
+
+def observe_cost(predictor: HiddenStateHead, test: RouterTrace, tokens: int = 200) -> float:
+    """Mean microseconds of one observe + 2-layer predict at batch 1 (a measurement, not a benchmark)."""
+    start = time.perf_counter()
+    for t in range(tokens):
+        for layer in range(test.num_layers):
+            predictor.observe(layer, test.experts[t, layer][None], test.weights[t, layer][None], test.hidden[t, layer][None])
+            predictor.predict(horizon=2)
+    return round((time.perf_counter() - start) / (tokens * test.num_layers) * 1e6, 1)
 
 
 def main() -> None:
@@ -125,14 +136,19 @@ def main() -> None:
     measure(f"router_lookahead_sketch{NARROW}",
             lambda: RouterLookahead(sketch_routers(routers, H, SketchInfo(NARROW, SEED)), E, K),
             settings=("unfitted",), pair=traces[NARROW])
-    measure(f"head_sketch{NARROW}", lambda: HiddenStateHead(L, E, K, sketch_dim=NARROW),
+    measure(f"linear_head_sketch{NARROW}", lambda: HiddenStateHead(L, E, K, sketch_dim=NARROW),
             settings=("fitted", "in_sample"), pair=traces[NARROW])
-    measure(f"head_sketch{NARROW}_no_history", lambda: HiddenStateHead(L, E, K, sketch_dim=NARROW, history=False),
+    measure(f"head_sketch{NARROW}", lambda: HiddenStateHead(L, E, K, sketch_dim=NARROW, hidden_units=UNITS),
+            settings=("fitted", "in_sample"), pair=traces[NARROW])
+    measure(f"head_sketch{NARROW}_no_history",
+            lambda: HiddenStateHead(L, E, K, sketch_dim=NARROW, hidden_units=UNITS, history=False),
             settings=("fitted",), pair=traces[NARROW])
     by_dim = {}
     for dim in tqdm(SKETCH_DIMS, desc="head vs sketch dim"):
         f, t = traces[dim]
-        by_dim[str(dim)] = score(HiddenStateHead(L, E, K, sketch_dim=dim).fit([f]), t)
+        by_dim[str(dim)] = score(HiddenStateHead(L, E, K, sketch_dim=dim, hidden_units=UNITS).fit([f]), t)
+    cost = observe_cost(HiddenStateHead(L, E, K, sketch_dim=NARROW, hidden_units=UNITS).fit([traces[NARROW][0]]),
+                        traces[NARROW][1])
 
     results = {
         "what": "recall@top_k of the experts 1 and 2 MoE layers ahead (same token), tiny trained MoE, held-out plays",
@@ -148,6 +164,8 @@ def main() -> None:
                    "note": f"the recorder's sketch of the router input (fp16); {H} dims = the hidden size, exact"},
         "targets_held_out": {str(d): v for d, v in TARGETS.items()},
         "recall": rows,
+        "head": {"hidden_units": UNITS, "features": "standardized sketch + multi-hot of this layer's experts",
+                 "outputs": "experts at 1..2 layers ahead", "observe_predict_us_batch1": cost},
         "head_recall_vs_sketch_dim": by_dim,
         "seconds": round(time.perf_counter() - start, 1),
         "versions": {"prophet": git_sha(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -159,6 +177,7 @@ def main() -> None:
     for name, settings in rows.items():
         print(f"{name:<32}" + "  ".join(f"{s}: {v['1']:.3f}/{v['2']:.3f}" for s, v in settings.items()))
     print("head vs sketch dim: " + "  ".join(f"{d}: {v['1']:.3f}/{v['2']:.3f}" for d, v in by_dim.items()))
+    print(f"head observe + predict: {cost} us per layer at batch 1 (this CPU, one thread)")
     print(f"wrote {args.out}")
 
 

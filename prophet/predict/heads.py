@@ -26,7 +26,8 @@ from prophet.predict.data import RouterTrace
 
 
 class HiddenStateHead(RoutingPredictor):
-    """Per-layer linear (rank ``rank`` when given) head on the sketch and the current experts (module docstring)."""
+    """Per-layer head on the sketch and the current experts: linear, low-rank (``rank``) or one ReLU layer of
+    ``hidden_units`` (see the module docstring)."""
 
     name = "head"
 
@@ -38,6 +39,7 @@ class HiddenStateHead(RoutingPredictor):
         sketch_dim: int,
         max_distance: int = 2,
         rank: int | None = None,
+        hidden_units: int | None = None,
         history: bool = True,
         projection: torch.Tensor | None = None,
         steps: int = 300,
@@ -52,7 +54,10 @@ class HiddenStateHead(RoutingPredictor):
                               "use the SketchInfo the training traces were recorded with")
         self.sketch_dim = sketch_dim
         self.max_distance = max_distance
+        if rank is not None and hidden_units is not None:
+            raise ConfigError("give the head a low rank or a hidden layer, not both")
         self.rank = rank
+        self.hidden_units = hidden_units
         self.history = history
         self.projection = None if projection is None else projection.detach().float().cpu().numpy()  # [H, D]
         self.steps, self.lr, self.weight_decay, self.seed = steps, lr, weight_decay, seed
@@ -60,8 +65,11 @@ class HiddenStateHead(RoutingPredictor):
         self.num_features = sketch_dim + (E if history else 0)
         self.mean = np.zeros((L, sketch_dim), np.float32)  # feature standardization, per layer
         self.scale = np.ones((L, sketch_dim), np.float32)
-        self.weight = np.zeros((L, self.num_features, max_distance * E), np.float32)  # [L, F, Dd*E]
-        self.bias = np.zeros((L, max_distance * E), np.float32)
+        # per MoE layer: the affine maps of the head, ReLU between them ([F, Dd*E] when linear or low-rank)
+        self.layers: list[list[tuple[np.ndarray, np.ndarray]]] = [
+            [(np.zeros((self.num_features, max_distance * E), np.float32), np.zeros(max_distance * E, np.float32))]
+            for _ in range(L)
+        ]
         self.freq = np.full((L, E), top_k / E)  # [L, E] fitted frequency, for distances beyond max_distance
         self.probs: np.ndarray | None = None  # [Dd, E] predictions from the last observed layer
 
@@ -101,14 +109,20 @@ class HiddenStateHead(RoutingPredictor):
             x[:, : self.sketch_dim] = (sk - self.mean[layer]) / self.scale[layer]
             y = np.concatenate(targets[layer]).reshape(len(x), -1)  # [n, Dd*E]
             m = np.repeat(np.concatenate(masks[layer]), E, axis=1)  # [n, Dd*E]
-            self.weight[layer], self.bias[layer] = self._train(x, y, m)
+            self.layers[layer] = self._train(x, y, m)
         return self
 
-    def _train(self, x: np.ndarray, y: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Full-batch AdamW on masked BCE; returns the (rank-collapsed) ``[F, Dd*E]`` weight and bias."""
+    def _train(self, x: np.ndarray, y: np.ndarray, m: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Full-batch AdamW on masked BCE; returns the affine maps ``(W [in, out], b [out])`` in order (a
+        low-rank head collapsed to one ``[F, Dd*E]`` map)."""
         torch.manual_seed(self.seed)
         f, o = x.shape[1], y.shape[1]
-        net = nn.Linear(f, o) if self.rank is None else nn.Sequential(nn.Linear(f, self.rank, bias=False), nn.Linear(self.rank, o))
+        if self.hidden_units is not None:
+            net = nn.Sequential(nn.Linear(f, self.hidden_units), nn.ReLU(), nn.Linear(self.hidden_units, o))
+        elif self.rank is not None:
+            net = nn.Sequential(nn.Linear(f, self.rank, bias=False), nn.Linear(self.rank, o))
+        else:
+            net = nn.Linear(f, o)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         xt, yt, mt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m).float()
         with torch.enable_grad():
@@ -118,10 +132,10 @@ class HiddenStateHead(RoutingPredictor):
                 loss.backward()
                 opt.step()
         with torch.no_grad():
-            eye = torch.eye(f)
+            if self.hidden_units is not None:
+                return [(lin.weight.T.numpy().copy(), lin.bias.numpy().copy()) for lin in (net[0], net[2])]
             bias = net(torch.zeros(1, f))[0]
-            weight = net(eye) - bias  # [F, O]: the affine map's linear part, whatever its factorization
-        return weight.numpy(), bias.numpy()
+            return [((net(torch.eye(f)) - bias).numpy(), bias.numpy())]  # the affine map, whatever its factors
 
     def _raw_features(self, sketch: np.ndarray, hot: np.ndarray) -> np.ndarray:
         """``[T, D]`` sketch and ``[T, E]`` multi-hot -> ``[T, F]`` unstandardized features."""
@@ -149,8 +163,12 @@ class HiddenStateHead(RoutingPredictor):
         for i, row in enumerate(rows):
             hot[i, row] = 1.0
         x = self._raw_features((h - self.mean[layer]) / self.scale[layer], hot)  # [T, F]
-        logits = x @ self.weight[layer] + self.bias[layer]  # [T, Dd*E]
-        probs = 1.0 / (1.0 + np.exp(-logits))
+        for i, (w, b) in enumerate(self.layers[layer]):
+            x = x @ w + b  # [T, out]
+            if i + 1 < len(self.layers[layer]):
+                np.maximum(x, 0.0, out=x)
+        logits = x  # [T, Dd*E]
+        probs = 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without overflow
         self.probs = np.stack([union(p) for p in probs.reshape(len(x), self.max_distance, -1).transpose(1, 0, 2)])
 
     def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:

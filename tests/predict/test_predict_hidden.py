@@ -103,10 +103,11 @@ def random_maps(seed: int, dim: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(LAYERS, dim, EXPERTS))
 
 
-def test_head_learns_a_separable_mapping_out_of_sample():
+@pytest.mark.parametrize("shape", [{}, {"rank": 6}, {"hidden_units": 32}], ids=["linear", "factored", "mlp"])
+def test_head_learns_a_separable_mapping_out_of_sample(shape):
     maps = random_maps(0, 6)
     fit, held = separable(maps, seed=1, tokens=2000), separable(maps, seed=2, tokens=100)
-    head = HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=6, max_distance=1, history=False).fit([fit])
+    head = HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=6, max_distance=1, history=False, **shape).fit([fit])
     hits = 0
     for t in range(held.num_tokens):
         head.reset()
@@ -125,7 +126,7 @@ def test_head_on_live_hidden_through_the_projection_matches_the_sketch():
     tr = RouterTrace(**{**tr.__dict__, "hidden": (h @ proj).numpy()})
     head = HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=8, steps=20).fit([tr])
     live = HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=8, projection=proj)
-    for name in ("mean", "scale", "weight", "bias", "freq"):
+    for name in ("mean", "scale", "layers", "freq"):
         setattr(live, name, getattr(head, name))
     head.observe(1, tr.experts[0, 1][None], tr.weights[0, 1][None], tr.hidden[0, 1][None])
     live.observe(1, tr.experts[0, 1][None], tr.weights[0, 1][None], h[0, 1][None])
@@ -151,7 +152,9 @@ def test_reset_clears_per_sequence_state():
     assert p.hidden is None and p.layer == -1
 
 
-def test_head_refuses_traces_without_a_sketch():
+def test_head_refuses_traces_without_a_sketch_and_two_shapes_at_once():
+    with pytest.raises(ConfigError):
+        HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=6, rank=2, hidden_units=8)
     tr = separable(random_maps(3, 6), seed=3, tokens=50)
     with pytest.raises(ConfigError):
         HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=6).fit([as_router_trace(RouterTrace(**{**tr.__dict__, "hidden": None}))])
