@@ -34,13 +34,37 @@ from prophet.models.spec import ModelSpec
 from prophet.routing import ForcedRouting
 from prophet.wrap import allocate_kv_cache, is_wrapped, reconfigure, runtime_of, unwrap, wrap
 
-HOST_FRACTION = 0.7  # share of host RAM the pinned experts of a random model may take (Mixtral's 84 GiB
-# fit a 128 GiB host); the rest is headroom
+HOST_HEADROOM = 0.9  # share of the host's available memory a random model may plan to take
+PROCESS_BYTES = 1 << 30  # Python, torch and transformers themselves, measured ~0.4 GiB; rounded up
 INIT_STD = 0.02  # transformers' default initializer_range
 
 
-def host_memory_bytes() -> int:
+def available_host_bytes() -> int:
+    """Host memory available to this process now (``MemAvailable``; all of it where the kernel does not say)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_bytes(spec: ModelSpec, dtype: torch.dtype, device: torch.device, cache_slots: int, resident: bool) -> int:
+    """Host memory a random-weight model of ``spec`` takes at its peak in `prophet-bench`'s measured decode.
+
+    The host store holds every expert once; the non-expert weights live on the device (host RAM on a CPU); on a
+    CPU the slot pool is host memory too; the all-resident baseline (``resident``) unwraps, putting a second
+    copy of the experts into the model's modules while the store is alive. Checked against the peak resident
+    set on the CPU in fp32: Mixtral-8x7B's real shapes, 1 layer, 3 slots, 8.8 GiB measured, 9.4 GiB by this
+    sum; OLMoE's, 1 layer, 64 slots, 4.3 GiB measured, 4.8 GiB by this sum.
+    """
+    experts = spec.all_expert_bytes(dtype)
+    on_host = device.type == "cpu"
+    pool = cache_slots * spec.expert_bytes(dtype) if on_host else 0
+    non_expert = spec.non_expert_bytes(dtype) if on_host else 0
+    return experts + pool + non_expert + (experts if resident else 0) + PROCESS_BYTES
 
 
 def truncate(spec: ModelSpec, layers: int) -> ModelSpec:
@@ -55,14 +79,36 @@ def truncate(spec: ModelSpec, layers: int) -> ModelSpec:
     return spec if layers == spec.num_layers else dataclasses.replace(spec, num_layers=layers)
 
 
-def layers_that_fit(spec: ModelSpec, dtype: torch.dtype, host_bytes: int | None = None) -> int:
-    """The most leading layers whose experts take at most `HOST_FRACTION` of host memory (all when they fit)."""
-    budget = HOST_FRACTION * (host_bytes or host_memory_bytes())
-    per_layer = spec.all_expert_bytes(dtype) / spec.num_moe_layers
-    layers = spec.num_layers
-    while layers > 1 and spec._stack_moe_layers(layers) * per_layer > budget:
-        layers -= 1
-    return layers
+def layers_that_fit(spec: ModelSpec, dtype: torch.dtype, device: torch.device, slots_for: Callable[[ModelSpec], int],
+                    resident: bool = False, layers: int | None = None, available: int | None = None) -> int:
+    """``layers`` when given, else the most leading layers whose random model fits in host memory
+    (`host_bytes` within `HOST_HEADROOM` of ``available``); refuses, with the numbers, what does not fit.
+
+    ``slots_for`` gives the expert slots of a truncated spec (the plan's share of its MoE layers).
+    """
+    budget = HOST_HEADROOM * (available if available is not None else available_host_bytes())
+
+    def need(n: int) -> int:
+        part = truncate(spec, n)
+        return host_bytes(part, dtype, device, slots_for(part), resident)
+
+    def gib(n: float) -> str:
+        return f"{n / 2**30:.1f} GiB"
+
+    if layers is not None:
+        if need(layers) > budget:
+            raise ConfigError(f"--layers {layers}: {spec.name}'s random model needs {gib(need(layers))} of host memory "
+                              f"(experts, slots, weights{', resident copy' if resident else ''}) but "
+                              f"{gib(budget)} is available; give fewer --layers or --slots")
+        return layers
+    first = spec.moe_layer_indices[0] + 1
+    if need(first) > budget:
+        raise ConfigError(f"{spec.name}: even {first} layer(s) of random weights need {gib(need(first))} of host memory "
+                          f"but {gib(budget)} is available; lower --slots, drop --compare or run on a larger host")
+    n = spec.num_layers
+    while n > first and need(n) > budget:
+        n -= 1
+    return n
 
 
 def random_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, cache_slots: int, seed: int = 0) -> nn.Module:

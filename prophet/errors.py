@@ -31,6 +31,10 @@ class AlreadyWrappedError(ProphetError):
     """`prophet.wrap` was called on a model that is already wrapped."""
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint folder cannot be loaded: missing, corrupt, or its weights contradict its config.json."""
+
+
 class TraceError(ProphetError):
     """A router trace file is missing, corrupt, of an unknown version or inconsistent with the model."""
 

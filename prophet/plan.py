@@ -364,8 +364,7 @@ def plan(
         warnings = (
             f"ctx={ctx} exceeds {m.name}'s trained context of {m.context_length} tokens: "
             "it needs RoPE scaling (e.g. YaRN) to stay accurate",
-        )
-        logger.warning(warnings[0])
+        )  # returned, not logged: a pure planner; its callers say it once (wrap logs it, the CLI prints it)
     return Plan(
         model=m.name, gpu=gpu_name, gpu_bytes=gpu_bytes, ctx=ctx, batch=batch,
         weight_dtype=dtype_name(m.weight_dtype), kv_dtype=dtype_name(kvdt), trained_context=m.context_length,

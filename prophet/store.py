@@ -134,15 +134,10 @@ class HostStore:
         return {name: t.to(self.compute_dtype) for name, t in tensors.items()}
 
     @classmethod
-    def from_layers(cls, layers: Sequence[MoELayer], pin: bool, free_source: bool = False,
-                    weights: WeightFormat | None = None, source: ExpertSource | None = None,
-                    dtype: torch.dtype | None = None) -> HostStore:
-        """Copy the experts of ``layers`` out of their modules, layer by layer (quantized to ``weights`` if given),
-        or, with ``source``, its stored fields as they are (``dtype``: the model's compute dtype).
-
-        With ``free_source`` each layer's expert parameters are emptied as soon as they are copied, so host
-        memory holds at most one layer's experts twice.
-        """
+    def for_layers(cls, layers: Sequence[MoELayer], pin: bool, weights: WeightFormat | None = None,
+                   source: ExpertSource | None = None, dtype: torch.dtype | None = None) -> HostStore:
+        """An empty store shaped for ``layers`` (nothing allocated yet), storing ``weights`` (or ``source``'s
+        format); ``dtype`` is the model's compute dtype. Refuses layers whose experts differ."""
         fmt = layers[0].fmt
         num_experts = layers[0].num_experts
         for layer in layers:
@@ -152,12 +147,28 @@ class HostStore:
                     f"vs {fmt}, {num_experts}); Prophet needs every MoE layer to have the same expert shape"
                 )
         dtype = dtype or layers[0].expert_parameters()[0].dtype
-        store = cls(len(layers), num_experts, fmt, dtype, pin, source.weights if source else weights)
+        return cls(len(layers), num_experts, fmt, dtype, pin, source.weights if source else weights)
+
+    def fill(self, layers: Sequence[MoELayer], free_source: bool = False, source: ExpertSource | None = None) -> None:
+        """Copy the experts of ``layers`` out of their modules, layer by layer (quantized to the store's format),
+        or, with ``source``, its stored fields as they are.
+
+        With ``free_source`` each layer's expert parameters are emptied as soon as they are copied, so host
+        memory holds at most one layer's experts twice.
+        """
         with torch.no_grad():
             for li, layer in enumerate(layers):
-                for e in range(num_experts):
-                    store.write(li, e, source.read(li, e) if source else layer.get_expert(e))
+                for e in range(self.num_experts):
+                    self.write(li, e, source.read(li, e) if source else layer.get_expert(e))
                 if free_source:
                     for p in layer.expert_parameters():
                         p.data = torch.empty(0, dtype=p.dtype)
+
+    @classmethod
+    def from_layers(cls, layers: Sequence[MoELayer], pin: bool, free_source: bool = False,
+                    weights: WeightFormat | None = None, source: ExpertSource | None = None,
+                    dtype: torch.dtype | None = None) -> HostStore:
+        """A store filled from ``layers`` or ``source`` (see `for_layers` and `fill`)."""
+        store = cls.for_layers(layers, pin, weights, source, dtype)
+        store.fill(layers, free_source, source)
         return store

@@ -10,6 +10,7 @@ writes the store back into the original modules (bit-identical) and swaps them b
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -31,12 +32,14 @@ from prophet.layer import OffloadedExperts
 from prophet.models.adapter import Adapter, MoELayer, moe_layers
 from prophet.plan import Plan, model_sizes, plan, resolve_gpu
 from prophet.policies import EvictionPolicy, make_policy
-from prophet.predict.base import Predictor
+from prophet.predict.base import Predictor, check_predictor
 from prophet.prefetch import Prefetcher
 from prophet.runtime import Runtime, RuntimeStats
 from prophet.sources import ExpertSource, fp8_module_source
 from prophet.store import HostStore
 from prophet.transfer import CudaCopyEngine, SyncCopyEngine
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ATTR = "_prophet_runtime"
@@ -65,10 +68,37 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def _cache_config(config: ProphetConfig | None, policy: str, **options: Any) -> ProphetConfig:
     given = {k: v for k, v in options.items() if v is not None}
     if config is not None:
-        if given:
-            raise ConfigError(f"pass either config= or {sorted(given)}, not both")
+        if not isinstance(config, ProphetConfig):
+            raise ConfigError(f"config={type(config).__name__}: pass a prophet.config.ProphetConfig")
+        if given or policy != "lru":
+            raise ConfigError(f"pass either config= or {sorted(given) or ['policy']}, not both")
         return config
     return ProphetConfig(cache=CacheConfig(policy=policy, **given))
+
+
+def policy_factory(policy: str | Callable[[], EvictionPolicy]) -> Callable[[], EvictionPolicy]:
+    """A factory of fresh eviction policies (one per slot pool), checked now by making one."""
+    if isinstance(policy, str):
+        if policy == "prophet":
+            raise ConfigError("policy='prophet' is prediction-aware eviction: pass predictor=P and "
+                              "policy=P.policy_factory() with a fitted prophet.predict predictor P")
+        if policy == "belady":
+            raise ConfigError("policy='belady' needs the future routing, which only trace replay has (prophet.sim); "
+                              "use 'lru', 'lfu' or 'fifo'")
+        make_policy(policy)
+        return lambda: make_policy(policy)
+    if isinstance(policy, EvictionPolicy) or not callable(policy):
+        raise ConfigError(f"policy={policy!r}: give a policy name ('lru', 'lfu', 'fifo') or a callable that returns "
+                          "a fresh EvictionPolicy for each slot pool (e.g. predictor.policy_factory())")
+    try:
+        sample = policy()
+    except Exception as exc:
+        raise ConfigError(f"policy factory {policy!r} failed when called ({exc!r}); it must take no arguments and "
+                          "return a fresh EvictionPolicy") from exc
+    if not isinstance(sample, EvictionPolicy):
+        raise ConfigError(f"policy factory {policy!r} returned {type(sample).__name__}, not an EvictionPolicy; "
+                          "return an instance of a prophet.policies policy")
+    return policy
 
 
 def allocate_kv_cache(model: nn.Module, dev: torch.device, max_context: int, batch: int, dtype: torch.dtype,
@@ -125,7 +155,10 @@ def _plan_for(model: nn.Module, layers: list[MoELayer], dtype: torch.dtype, dev:
         gpu = torch.cuda.mem_get_info(dev)[1]
     name, gpu_bytes = resolve_gpu(gpu)
     sizes = dataclasses.replace(model_sizes(model, layers, dtype), expert_bytes=expert_bytes)
-    return dataclasses.replace(plan(sizes, gpu_bytes, max_context, batch, kv_dtype=dtype), gpu=name)
+    memory = plan(sizes, gpu_bytes, max_context, batch, kv_dtype=dtype)
+    for warning in memory.warnings:
+        logger.warning(warning)
+    return dataclasses.replace(memory, gpu=name)
 
 
 def wrap(
@@ -161,6 +194,11 @@ def wrap(
     """
     if hasattr(model, _ATTR):
         raise AlreadyWrappedError("this model is already wrapped by Prophet; call prophet.unwrap(model) first")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"wrap takes a torch.nn.Module (a transformers MoE model), not {type(model).__name__}")
+    if adapter is not None and not isinstance(adapter, Adapter):
+        raise ConfigError(f"adapter={adapter!r}: pass a prophet.models adapter object (e.g. GenericAdapter(...)), "
+                          "or leave it out to pick one from config.model_type")
     dev = resolve_device(device)
     layers = moe_layers(model, adapter)
     source = expert_source or fp8_module_source(layers)
@@ -180,22 +218,49 @@ def wrap(
         weights = _expert_format(expert_dtype, dtype)
     layout = slab_layout(layers[0].fmt, weights, dtype if weights.quantized else None)
     memory_plan = kv_cache = None
+    if max_context is None and (batch != 1 or gpu is not None):
+        raise ConfigError(f"batch={batch!r} and gpu={gpu!r} size the memory plan: give max_context too, or drop them")
     if max_context is not None:
         sizes = {"cache_slots": cache_slots, "slots_per_layer": slots_per_layer, "cache_bytes": cache_bytes}
         if config is not None or any(v is not None for v in sizes.values()):
             raise ConfigError("max_context sizes the cache itself; drop config=, cache_slots, slots_per_layer and cache_bytes")
+        for name, value in (("max_context", max_context), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}={value!r}: give a whole number of tokens/sequences (at least 1)")
         memory_plan = _plan_for(model, layers, dtype, dev, max_context, batch, gpu, layout.nbytes)
         cache_slots = memory_plan.expert_slots
-        kv_cache = allocate_kv_cache(model, dev, max_context, batch, dtype)
     cfg = _cache_config(
         config, policy if isinstance(policy, str) else "lru",
         cache_slots=cache_slots, slots_per_layer=slots_per_layer, cache_bytes=cache_bytes,
     )
-    policy_factory = policy if callable(policy) else (lambda: make_policy(cfg.cache.policy))
+    factory = policy_factory(cfg.cache.policy if isinstance(policy, str) else policy)
+    if predictor is not None:
+        check_predictor(predictor, len(layers), layers[0].num_experts, layers[0].top_k)
+    cache_slots, slots_per_layer = _slot_counts(cfg.cache, layers, layout.nbytes)
+    if memory_plan is not None:
+        try:
+            kv_cache = allocate_kv_cache(model, dev, max_context, batch, dtype)
+        except torch.OutOfMemoryError as exc:
+            raise CapacityError(f"the KV cache for max_context={max_context}, batch={batch} does not fit on {dev}; "
+                                "lower max_context or batch") from exc
 
-    pin = dev.type == "cuda" and cfg.pin_memory
-    slab_bytes = layout.nbytes
-    cache_cfg = cfg.cache
+    def make_runtime(store: HostStore) -> Runtime:  # after the store is filled: slots never add to its peak
+        cache = _new_cache(store, dev, factory, cache_slots, slots_per_layer)
+        runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
+        runtime.source = source
+        runtime.plan = memory_plan
+        runtime.kv_cache = kv_cache
+        return runtime
+
+    # Everything is checked; from here a failure puts the model back as it was (`_build`).
+    store = HostStore.for_layers(layers, pin=dev.type == "cuda" and cfg.pin_memory, weights=weights, source=source,
+                                 dtype=dtype)
+    setattr(model, _ATTR, _build(model, layers, store, source, make_runtime))
+    return model
+
+
+def _slot_counts(cache_cfg: CacheConfig, layers: list[MoELayer], slab_bytes: int) -> tuple[int | None, int | None]:
+    """``(cache_slots, slots_per_layer)`` from the config, capped at the number of experts."""
     cache_slots, slots_per_layer = cache_cfg.cache_slots, cache_cfg.slots_per_layer
     if cache_cfg.cache_bytes is not None:
         cache_slots = cache_cfg.cache_bytes // slab_bytes
@@ -211,22 +276,80 @@ def wrap(
         cache_slots = min(cache_slots, len(layers) * num_experts)
     if slots_per_layer is not None:
         slots_per_layer = min(slots_per_layer, num_experts)
+    return cache_slots, slots_per_layer
 
+
+def _build(model: nn.Module, layers: list[MoELayer], store: HostStore, source: ExpertSource | None,
+           make_runtime: Callable[[HostStore], Runtime]) -> Runtime:
+    """Move the experts into ``store`` (from ``source`` when given), make the runtime (cache slots), swap in
+    `OffloadedExperts`, move the model to the device and load the cache.
+
+    All or nothing: if anything fails (out of memory, an interrupt), the original experts modules come back
+    with their exact parameters on their original devices, and the error is raised again. A store that holds
+    the experts exactly (dense, or as their source stores them) frees each layer's parameters as it copies it;
+    one that quantizes them frees them only once everything succeeded, since the originals cannot be rebuilt."""
     shapes = [{name: p.shape for name, p in layer.experts.named_parameters()} for layer in layers]
-    store = HostStore.from_layers(layers, pin=pin, free_source=True, weights=weights, source=source, dtype=dtype)
+    placement = _placement(model)
+    exact = source is not None or not store.weights.quantized
+    try:
+        store.fill(layers, free_source=exact, source=source)  # when exact, the store holds the only copy now
+        runtime = make_runtime(store)
+        runtime.expert_shapes = shapes
+        for layer in layers:
+            setattr(layer.parent, layer.attr, OffloadedExperts(layer, runtime))
+        model.to(runtime.device)
+        runtime.settle()
+    except BaseException as exc:
+        _rollback(layers, shapes, store, source, placement)
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise CapacityError(f"wrapping ran out of memory ({str(exc).splitlines()[0]}); the model is unchanged: "
+                                "give fewer cache_slots/slots_per_layer or a smaller cache_bytes, or free memory") from exc
+        raise
+    if not exact:
+        for layer in layers:
+            for p in layer.expert_parameters():
+                p.data = torch.empty(0, dtype=p.dtype)
+    return runtime
 
-    cache = _new_cache(store, dev, policy_factory, cache_slots, slots_per_layer)
-    runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev)
-    runtime.expert_shapes = shapes
-    runtime.source = source
-    runtime.plan = memory_plan
-    runtime.kv_cache = kv_cache
-    for layer in layers:
-        setattr(layer.parent, layer.attr, OffloadedExperts(layer, runtime))
-    model.to(dev)
-    runtime.settle()
-    setattr(model, _ATTR, runtime)
-    return model
+
+def _placement(model: nn.Module) -> list[tuple[nn.Module, str, bool, torch.device]]:
+    """Where every parameter and buffer of ``model`` lives: ``(module, name, is_parameter, device)``."""
+    out = []
+    for module in model.modules():
+        out += [(module, name, True, p.device) for name, p in module._parameters.items() if p is not None]
+        out += [(module, name, False, b.device) for name, b in module._buffers.items() if b is not None]
+    return out
+
+
+def _rollback(layers: list[MoELayer], shapes: list[dict[str, torch.Size]], store: HostStore, source: ExpertSource | None,
+              placement: list[tuple[nn.Module, str, bool, torch.device]]) -> None:
+    """Undo a partial `_build`: experts modules swapped back, emptied parameters refilled from the store (through
+    the source's ``write`` for quantized modules; a checkpoint stream's were never in the model), and every
+    tensor moved back to where it was (copies between devices are exact)."""
+    with torch.no_grad():
+        for li, (layer, shape) in enumerate(zip(layers, shapes, strict=True)):
+            setattr(layer.parent, layer.attr, layer.experts)
+            params = dict(layer.experts.named_parameters())
+            if all(p.numel() == shape[name].numel() for name, p in params.items()):
+                continue  # never emptied
+            streamed = source is not None and source.write is None  # shaped placeholders, as prophet.sources made
+            for name, p in params.items():
+                p.data = torch.zeros((), dtype=p.dtype).expand(shape[name]) if streamed else \
+                    torch.empty(shape[name], dtype=p.dtype)
+            for e in range(0 if streamed else layer.num_experts):
+                if source is None:
+                    layer.set_expert(e, store.read(li, e))
+                else:
+                    source.write(li, e, store.read(li, e))
+        for module, name, is_param, dev in placement:
+            table = module._parameters if is_param else module._buffers
+            tensor = table[name]
+            if tensor.device != dev:
+                if is_param:
+                    tensor.data = tensor.data.to(dev)
+                else:
+                    table[name] = tensor.to(dev)
+    store.close()
 
 
 def _new_cache(store: HostStore, dev: torch.device, policy: Callable[[], EvictionPolicy],
@@ -251,12 +374,15 @@ def reconfigure(
     runtime = runtime_of(model)
     if (cache_slots is None) == (slots_per_layer is None):
         raise ConfigError("reconfigure needs exactly one of cache_slots (a shared pool) or slots_per_layer")
-    if (cache_slots or slots_per_layer or 0) < 1:
-        raise CapacityError(f"reconfigure: {cache_slots or slots_per_layer} slots cannot run any expert; give at least 1")
+    CacheConfig(cache_slots=cache_slots, slots_per_layer=slots_per_layer)  # positive whole numbers
+    if prefetch is not None and not isinstance(prefetch, PrefetchConfig):
+        raise ConfigError(f"prefetch={prefetch!r}: pass a prophet.config.PrefetchConfig")
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)  # no copy into the old pool may still be running when it is freed
     store, total = runtime.store, runtime.store.num_layers * runtime.store.num_experts
-    factory = policy if callable(policy) else (lambda: make_policy(policy))
+    factory = policy_factory(policy)
+    if predictor is not None:
+        check_predictor(predictor, store.num_layers, store.num_experts, runtime.layers[0].top_k)
     old_config = runtime.prefetcher.config
     runtime.cache = runtime.prefetcher = None  # drop every reference to the old pool before the new one is allocated
     try:

@@ -93,9 +93,9 @@ part quant-check 90 \
   python3 experiments/gpu/quant_check.py --out "$res" \
   -- python3 experiments/gpu/quant_check.py --help
 part bench-mixtral-128k 120 \
-  python3 -c "import sys; from prophet.bench import main; sys.exit(main(sys.argv[1:]))" --model mixtral --ctx 128k \
+  python3 -m prophet.cli run --model mixtral --ctx 128k \
     --weights random --layers 8 --compare --no-progress "${trace_args[@]}" --out "$res/prophet_bench_mixtral_128k_${gpu}.json" \
-  -- python3 -c "import sys; from prophet.bench import main; sys.exit(main(sys.argv[1:]))" --help
+  -- python3 -m prophet.cli run --help
 
 total=$(( $(date +%s) - start ))
 echo "run_all: ${failed} failed part(s), ${total}s in all (budget ${BUDGET_S}s)"

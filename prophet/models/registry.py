@@ -6,6 +6,8 @@ is the total the authors announce. Tests check every spec's parameter count agai
 
 from __future__ import annotations
 
+import dataclasses
+
 from prophet.errors import UnsupportedModelError
 from prophet.models.spec import ModelSpec
 
@@ -438,6 +440,19 @@ SPECS: tuple[ModelSpec, ...] = (
         aliases=("phimoe", "phi-3.5-moe"),
     ),
 )
+
+
+def _switch_base(num_experts: int, published: float) -> ModelSpec:
+    """Switch-Base-E: Switch-Base-128's architecture with E experts per MoE layer (top-1); every checkpoint's
+    config.json differs in ``num_experts`` only. ``published`` is the hub checkpoint's fp32 size / 4 bytes."""
+    base = next(s for s in SPECS if s.name == "Switch-Base-128")
+    name = f"Switch-Base-{num_experts}"
+    return dataclasses.replace(base, name=name, hf_repo=f"google/switch-base-{num_experts}", num_experts=num_experts,
+                               published_params=published, aliases=(f"switch-base-{num_experts}",))
+
+
+# hub checkpoints: switch-base-8 619M params; -16 4.29 GB, -32 7.91 GB, -64 15.26 GB of fp32 weights
+SPECS += tuple(_switch_base(e, p) for e, p in ((8, 619e6), (16, 4.29e9 / 4), (32, 7.91e9 / 4), (64, 15.26e9 / 4)))
 
 
 def _key(name: str) -> str:

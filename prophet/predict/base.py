@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from prophet.errors import ConfigError
 from prophet.policies import EvictionPolicy, PredictionAware
 
 if TYPE_CHECKING:
@@ -46,6 +47,26 @@ class Predictor(Protocol):
     def predict(self) -> list[Prediction]:
         """Experts expected for the next layers of this token and the first layers of the next token."""
         ...
+
+
+def check_predictor(predictor: object, num_layers: int, num_experts: int, top_k: int) -> None:
+    """Raise `ConfigError` unless ``predictor`` is a predictor instance built for a model of this shape.
+
+    Checked where a predictor meets a model (`prophet.wrap`), so one of the wrong shape, or fitted on another
+    model, fails there with what to change instead of with an ``IndexError`` inside ``generate``."""
+    name = type(predictor).__name__
+    if isinstance(predictor, type):
+        raise ConfigError(f"predictor={predictor.__name__} is a class: pass an instance, e.g. "
+                          f"{predictor.__name__}(num_layers, num_experts, top_k).fit(traces)")
+    if not all(callable(getattr(predictor, m, None)) for m in ("observe", "predict")):
+        raise ConfigError(f"predictor={name} is not a predictor: it needs observe(layer, expert_ids, weights, hidden) "
+                          "and predict(); use one of prophet.predict's, fitted on this model's traces")
+    for field, want, what in (("num_layers", num_layers, "MoE layers"), ("num_experts", num_experts, "experts per layer"),
+                              ("top_k", top_k, "experts per token (top-k)")):
+        got = getattr(predictor, field, want)
+        if got != want:
+            raise ConfigError(f"predictor {name} has {field}={got!r} but the model has {want} {what}: build it with "
+                              f"{field}={want} and fit it on this model's traces")
 
 
 def valid_rows(expert_ids: torch.Tensor | np.ndarray | Sequence) -> list[list[int]]:

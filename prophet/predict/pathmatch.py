@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from prophet.errors import ConfigError
 from prophet.predict.base import RoutingPredictor, union
 from prophet.predict.data import RouterTrace
 
@@ -29,7 +30,8 @@ class PathMatchPredictor(RoutingPredictor):
     left out, so misaligned rows neither match nor vote. ``online`` (batch 1 only) adds each finished token
     of the current sequence to the memory; the memory outlives `reset` (finished sequences stay matchable),
     so a measurement must start from a freshly fitted instance. Cost grows with the memory (one gather and
-    one partial sort over it per layer).
+    one partial sort over it per layer), so the online part is a window: at most ``max_online`` decoded
+    tokens (``L * (E + 1) * 4`` bytes each) are kept, the oldest dropped first; fitted tokens are always kept.
     """
 
     name = "pathmatch"
@@ -45,9 +47,14 @@ class PathMatchPredictor(RoutingPredictor):
         power: float = 2.0,
         prior: float = 0.5,
         online: bool = True,
+        max_online: int = 16384,
         **kw: Any,
     ) -> None:
         super().__init__(num_layers, num_experts, top_k, **kw)
+        if isinstance(max_online, bool) or not isinstance(max_online, int) or max_online < 1:
+            raise ConfigError(f"max_online={max_online!r}: give the most decoded tokens to remember (at least 1)")
+        self.max_online = max_online
+        self.fitted = 0  # memory rows [0, fitted) come from `fit` and are never dropped
         self.neighbours = neighbours
         self.decay = decay
         self.carry = carry
@@ -106,7 +113,25 @@ class PathMatchPredictor(RoutingPredictor):
             starts = np.zeros(tr.num_tokens, bool)
             starts[tr.seq_offsets[:-1][np.diff(tr.seq_offsets) > 0]] = True
             self._append(tr.multi_hot(), tr.exact & (tr.experts[..., 0] >= 0), starts)
+        self.fitted = self.size
         return self
+
+    def _forget(self, count: int) -> None:
+        """Drop the ``count`` oldest online tokens: later rows move down, links into the dropped rows end."""
+        a, b, m = self.fitted, self.fitted + count, self.size - count
+        self.mem[:, :, a:m] = self.mem[:, :, b : self.size]
+        self.mem[:, :, m : self.size] = 0.0
+
+        def moved(rows: np.ndarray) -> np.ndarray:  # old row ids -> new ones (-1 for dropped rows)
+            return np.where(rows >= b, rows - count, np.where(rows >= a, -1, rows))
+
+        for links in (self.succ, self.pred):
+            links[:m] = moved(np.concatenate([links[:a], links[b : self.size]]))
+            links[m : self.size] = -1
+        self.sim = np.delete(self.sim, np.s_[a:b], axis=1)
+        self._last_row = int(moved(np.array(self._last_row)))
+        self.size = m
+        self._top = None
 
     # ---- tracking -------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -119,6 +144,8 @@ class PathMatchPredictor(RoutingPredictor):
         """Move the finished batch-1 token into the memory (online learning)."""
         if not (self.online and self._seen.any()):
             return
+        if self.size - self.fitted >= self.max_online:
+            self._forget(max(1, self.max_online // 4))  # a quarter at a time: the move is paid once per many tokens
         first = np.array([self._last_row < 0])
         self._append(self._row[None], self._seen[None], first)
         if self._last_row >= 0:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from prophet.errors import ConfigError
 from prophet.predict.base import RoutingPredictor, union
 from prophet.predict.data import RouterTrace
 
@@ -185,8 +186,9 @@ class ActivationMatrixPredictor(RoutingPredictor):
     stored sequences' matrices (cosine similarity) and predict from the ``matches`` most similar.
 
     Stored matrices come from `fit` and, with ``learn_online``, from every finished sequence (as MoE-Infinity
-    grows its collection). A sequence's own matrix gains weight as it grows (``tokens / (tokens + trust)``),
-    since its own history predicts its future better than any stored one once there is enough of it.
+    grows its collection), at most ``max_online`` of them (the oldest dropped first; fitted ones are kept). A
+    sequence's own matrix gains weight as it grows (``tokens / (tokens + trust)``), since its own history
+    predicts its future better than any stored one once there is enough of it.
     """
 
     name = "activation_matrix"
@@ -199,9 +201,14 @@ class ActivationMatrixPredictor(RoutingPredictor):
         matches: int = 3,
         trust: float = 16.0,
         learn_online: bool = True,
+        max_online: int = 1024,
         **kw: Any,
     ) -> None:
         super().__init__(num_layers, num_experts, top_k, **kw)
+        if isinstance(max_online, bool) or not isinstance(max_online, int) or max_online < 1:
+            raise ConfigError(f"max_online={max_online!r}: give the most finished sequences to remember (at least 1)")
+        self.max_online = max_online
+        self.fitted = 0  # library rows [0, fitted) come from `fit` and are never dropped
         self.matches = matches
         self.trust = trust
         self.learn_online = learn_online
@@ -220,11 +227,14 @@ class ActivationMatrixPredictor(RoutingPredictor):
                 mats.append(hot[a:b].sum(axis=0) / np.maximum(recorded[a:b].sum(axis=0), 1)[:, None])
         if mats:
             self.library = np.concatenate([self.library, np.stack(mats)])
+        self.fitted = len(self.library)
         return self
 
     def reset(self) -> None:
         if self.learn_online and self.steps.any():
-            self.library = np.concatenate([self.library, (self.counts / np.maximum(self.steps, 1)[:, None])[None]])
+            kept = self.library[self.fitted :][-(self.max_online - 1) :] if self.max_online > 1 else self.library[:0]
+            self.library = np.concatenate([self.library[: self.fitted], kept,
+                                           (self.counts / np.maximum(self.steps, 1)[:, None])[None]])
         super().reset()
         self.counts[:] = 0.0
         self.steps[:] = 0.0

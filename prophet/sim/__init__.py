@@ -2,13 +2,14 @@
 
 `replay` drives the runtime's own cache, policies, predictors and prefetcher with a router trace, timing it
 with `SimCopyEngine` (modelled link) and `CostModel` (roofline per layer) on a `HardwareProfile`; `bounds` gives
-the all-resident, all-miss and oracle limits that every result is reported beside.
+the limits every result is reported beside, under the same capacity, link and compute (`prophet.sim.bounds`).
 """
 
+from prophet.sim.bounds import bounds
 from prophet.sim.cost import CostModel, expected_distinct
 from prophet.sim.engine import SimCopyEngine
 from prophet.sim.hardware import HardwareProfile, get_profile, list_profiles
-from prophet.sim.replay import ReplayResult, Schedule, ScheduleOracle, bounds, replay, schedule
+from prophet.sim.replay import ReplayResult, Schedule, ScheduleOracle, replay, schedule
 
 __all__ = [
     "CostModel",

@@ -31,7 +31,7 @@ from prophet.policies import POLICY_FACTORIES, Belady, EvictionPolicy, Predictio
 from prophet.predict.base import Prediction
 from prophet.predict.data import RouterTrace, as_router_trace
 from prophet.prefetch import Prefetcher
-from prophet.sim.cost import CostModel, expected_distinct
+from prophet.sim.cost import CostModel
 from prophet.sim.engine import SimCopyEngine
 from prophet.sim.hardware import HardwareProfile, get_profile
 from prophet.store import HostStore
@@ -133,7 +133,7 @@ def policy_args(name: str, predictor: str | None = None) -> tuple[str, str | Non
 
 def make_predictor(name: str, trace: RouterTrace, sched: Schedule) -> Any:
     """A predictor by name: ``oracle`` (perfect, from the schedule) or a `prophet.predict` predictor's ``name``,
-    fitted on ``trace`` itself (optimistic: the same trace it is replayed on). ``a+b`` builds an ensemble."""
+    fitted on ``trace`` (pass routing other than the replayed one: `prophet.sim.samples`). ``a+b`` builds an ensemble."""
     if name == "oracle":
         return ScheduleOracle(sched)
     from prophet.predict import ensemble, pathmatch, statistical
@@ -244,6 +244,7 @@ def replay(
     prefetch: PrefetchConfig | None = None,
     sched: Schedule | None = None,
     progress: bool = True,
+    label: str | None = None,
 ) -> ReplayResult:
     """Replay ``trace`` (a `prophet.trace.Trace` or `RouterTrace`) as ``spec`` on ``profile``.
 
@@ -252,6 +253,7 @@ def replay(
     `prophet.prefetch.Prefetcher.threshold`). ``cpu_fallback`` runs missed experts
     on the host CPU while the GPU runs the resident ones, and admits them into the cache with background
     copies. ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch`` and ``steps``).
+    ``label`` names the progress bar (default: the policy), so it matches the caller's row name.
     ``expert_dtype`` stores the experts quantized (`CostModel`): copies and reads move that format's bytes.
     """
     wall = time.perf_counter()
@@ -296,7 +298,7 @@ def replay(
     compute = cpu_extra = 0.0
     cpu_misses = admitted = 0
 
-    for s in tqdm(range(S), desc=f"replay {policy_name}", disable=not progress, leave=False):
+    for s in tqdm(range(S), desc=f"replay {label or policy_name}", disable=not progress, leave=False):
         rows = sched.rows[s]  # [B]
         if resets and seq_start[rows[0]]:
             predictor.reset()
@@ -380,56 +382,3 @@ def replay(
         wall_s=time.perf_counter() - wall,
         per_layer_hit_rate=[round(st.hit_rate, 4) for st in cache.stats],
     )
-
-
-def bounds(
-    spec: ModelSpec | str,
-    profile: HardwareProfile | str,
-    batch: int = 1,
-    *,
-    trace: Any = None,
-    slots_per_layer: int | None = None,
-    cache_slots: int | None = None,
-    steps: int | None = None,
-    context: int = 2048,
-    dtype: torch.dtype = torch.bfloat16,
-    expert_dtype: str | None = None,
-    sched: Schedule | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Speed limits beside every result, in tokens/s.
-
-    all_resident: every expert on the GPU (compute only; ``fits`` says whether it would fit in HBM with the KV).
-    all_miss: every distinct expert of every step copied, nothing overlapped (compute + link time).
-    oracle: Belady eviction + perfect prefetch of the next token's experts at the same bandwidth and capacity
-    (needs ``trace`` and a capacity). Distinct experts per layer come from ``trace`` when given, else from
-    uniform routing (`expected_distinct`).
-    """
-    spec = get_spec(spec) if isinstance(spec, str) else spec
-    profile = get_profile(profile)
-    cost = CostModel(spec, profile, dtype, context, expert_dtype)
-    if trace is not None:
-        trace = as_router_trace(trace)
-        sched = sched or schedule(trace, batch, steps)
-        distinct = float(sched.distinct().mean())
-    else:
-        distinct = expected_distinct(spec.num_experts, spec.top_k, batch)
-    compute = cost.token_seconds(distinct, batch)
-    link = spec.num_moe_layers * distinct * cost.copy_seconds()
-    all_experts = spec.num_moe_layers * spec.num_experts * cost.expert_bytes
-    needed = spec.non_expert_bytes(dtype) + all_experts + spec.kv_bytes(context, dtype, batch)
-    out: dict[str, Any] = {
-        "all_resident": {"tokens_per_s": batch / compute, "step_s": compute, "fits": bool(needed <= profile.hbm_bytes)},
-        "all_miss": {"tokens_per_s": batch / (compute + link), "step_s": compute + link},
-        "distinct_per_layer": distinct,
-        "copy_ms_per_expert": cost.copy_seconds() * 1e3,
-    }
-    if trace is not None and (slots_per_layer or cache_slots):
-        r = replay(
-            trace, spec, profile, policy="belady", predictor="oracle", slots_per_layer=slots_per_layer,
-            cache_slots=cache_slots, batch=batch, context=context, dtype=dtype, expert_dtype=expert_dtype, sched=sched,
-            progress=progress,
-        )
-        out["oracle"] = {"tokens_per_s": r.tokens_per_s, "step_s": r.step_s, "hit_rate": r.hit_rate,
-                         "stall_s": r.stall_s, "policy": "belady", "predictor": "oracle"}
-    return out

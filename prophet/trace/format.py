@@ -65,6 +65,10 @@ class TraceModel:
     hidden_size: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("num_layers", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TraceError(f"model {self.name!r}: {name}={value!r} must be a whole number")
         if self.num_layers <= 0 or self.num_experts <= 0 or not 0 < self.top_k <= self.num_experts:
             raise TraceError(
                 f"model {self.name!r}: need num_layers > 0 and 0 < top_k <= num_experts "
@@ -329,6 +333,17 @@ def validate_trace(trace: Trace, where: str) -> None:
                 raise _fail(
                     where, f"token {t}, layer {layer} selects the same expert twice: {ex[t, layer].tolist()}"
                 )
+        w = np.asarray(trace.weights)
+        missing = np.isnan(w)  # weights not recorded: a whole (token, layer), e.g. engines that report ids only
+        bad = np.isinf(w) | (missing & ~missing.all(axis=-1, keepdims=True) & (ex >= 0))
+        if bad.any():
+            t, layer, k = np.argwhere(bad)[0]
+            raise _fail(
+                where,
+                f"router weight {w[t, layer, k]} of expert {ex[t, layer, k]} at token {t}, layer {layer} is not finite; "
+                "weights must be finite numbers, or NaN for every expert of a (token, layer) whose weights were not "
+                "recorded",
+            )
         ph = np.asarray(trace.phase)
         if ph.max() > max(Phase):
             raise _fail(where, f"phase value {int(ph.max())} unknown (0 prefill, 1 decode, 2 unknown)")
@@ -446,11 +461,32 @@ def _read_header(path: Path) -> dict[str, Any]:
     for key in ("model", "num_tokens", "num_sequences", "arrays"):
         if key not in header:
             raise TraceError(f"{hp}: header lacks {key!r}")
+    for key in ("num_tokens", "num_sequences"):
+        if isinstance(header[key], bool) or not isinstance(header[key], int) or header[key] < 0:
+            raise TraceError(f"{hp}: {key}={header[key]!r} must be a whole number >= 0; the header is damaged")
+    if not isinstance(header["model"], dict):
+        raise TraceError(f"{hp}: 'model' must be an object of model fields; the header is damaged")
     return header
 
 
-def _load_npy(path: Path, entry: dict[str, Any], verify: bool) -> np.ndarray:
-    fp = path / entry["file"]
+def _entry_file(path: Path, name: str, entry: object) -> Path:
+    """The file a header entry names, which must be a plain file inside the trace directory."""
+    where = path / HEADER
+    if not isinstance(entry, dict) or any(key not in entry for key in ("file", "dtype", "shape")):
+        raise TraceError(f"{where}: array {name!r} needs an entry with 'file', 'dtype' and 'shape' (got {entry!r}); "
+                         "the header is damaged: record or save the trace again")
+    file = entry["file"]
+    if not isinstance(file, str):
+        raise TraceError(f"{where}: array {name!r} has file={file!r}; it must be a file name such as {name}.npy")
+    fp = path / file
+    if Path(file).is_absolute() or fp.resolve().parent != path.resolve():
+        raise TraceError(f"{where}: array {name!r} points at {file!r}, outside the trace directory; a header may only "
+                         "name files inside its own directory (e.g. experts.npy)")
+    return fp
+
+
+def _load_npy(path: Path, name: str, entry: dict[str, Any], verify: bool) -> np.ndarray:
+    fp = _entry_file(path, name, entry)
     if not fp.exists():
         raise TraceError(f"{fp}: missing (the header lists it)")
     try:
@@ -489,13 +525,15 @@ def load_dir(path: Path, verify: bool = True) -> Trace:
     except (TypeError, TraceError) as exc:
         raise TraceError(f"{path / HEADER}: model description is invalid ({exc})") from exc
     entries = header["arrays"]
+    if not isinstance(entries, dict):
+        raise TraceError(f"{path / HEADER}: 'arrays' must map array names to entries; record or save the trace again")
     need = {"experts", "weights", "seq_offsets", "token_ids", "phase", "exact"} | (
         {"sketch"} if sketch_info else set()
     )
     missing = sorted(need - set(entries))
     if missing:
         raise TraceError(f"{path / HEADER}: arrays {missing} are not listed")
-    arrays = {name: _load_npy(path, entries[name], verify) for name in sorted(need)}
+    arrays = {name: _load_npy(path, name, entries[name], verify) for name in sorted(need)}
     if (
         len(arrays["experts"]) != header["num_tokens"]
         or len(arrays["seq_offsets"]) != header["num_sequences"] + 1

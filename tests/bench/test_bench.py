@@ -5,7 +5,9 @@ import re
 
 import pytest
 
-from prophet.bench import main, parse_tokens, resolve_model
+from prophet.bench import resolve_model
+from prophet.cli import main
+from prophet.cli.common import parse_tokens
 from prophet.errors import UnsupportedModelError
 from prophet.models import get_spec
 
@@ -36,7 +38,8 @@ def test_json_last_line_has_hardware_versions_plan_results_and_bounds(capsys):
     bounds = record["bounds"]
     assert bounds["all_miss"]["tokens_per_s"] < bounds["oracle"]["tokens_per_s"] < bounds["all_resident"]["tokens_per_s"]
     assert record["trace"]["origin"].startswith("synthetic") and record["trace"]["layers"] == 32
-    assert "172 of 256 experts" in err and "RoPE scaling" in err and "best: prophet" in err
+    assert "172 of 256 experts" in err and err.count("RoPE scaling") == 1 and "best: " in err
+    assert "simulated on the h100-sxm profile" in err and "out of sample" in err and "replay prophet" not in err
 
 
 def test_compare_adds_the_baselines(capsys):
@@ -125,7 +128,7 @@ def test_measured_decode_on_the_cpu_reports_each_policy_beside_the_simulator(cap
         r = by_policy[name]
         assert 0 < r["hit_rate"] < 1 and 0 < r["sim_hit_rate"] < 1 and r["tokens_per_s"] > 0 and r["slots_total"] == 6
         assert r["h2d_gb_per_token"] > 0 and r["timed_steps"] == 6 and r["step_ms_median"] > 0
-        assert r["of_bound"] == pytest.approx(r["tokens_per_s"] / record["bounds"]["oracle"]["tokens_per_s"])
+        assert "of_bound" not in r  # the bounds model a GPU profile, not this CPU
     # the h100 profile's link budget for these tiny experts asks a near-certain prediction (threshold 0.99 at one
     # layer ahead): nearly everything is held back (0-1 of 24 predictions passed across releases), and the
     # report says so
@@ -216,7 +219,7 @@ def test_predictor_serves_prophet_only_and_baselines_stay_on_demand(capsys):
     by_policy = {r["policy"]: r for r in record["results"]}
     assert code == 0 and by_policy["lru"]["prefetches"] == by_policy["lfu"]["prefetches"] == 0
     assert by_policy["lru"]["predictor"] is None and by_policy["prophet"]["predictor"] == "cooccurrence"
-    assert "out of sample" in record["trace"]["predictor_fit"]
+    assert record["trace"]["sample"]["in_sample"] is False and "out of sample" in record["trace"]["sample"]["how"]
 
 
 def test_a_context_too_short_for_the_decode_is_refused_before_building(capsys):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from prophet.bench import main
+from prophet.cli import main
 
 pytest.importorskip("prophet.sim.replay", reason="prophet.sim is not in this checkout")
 

@@ -202,11 +202,33 @@ def test_dbrx_experts_take_forced_routing_from_3d_hidden_states():
 
 def test_layers_are_cut_to_what_host_memory_holds():
     spec = get_spec("mixtral")
-    per_layer = spec.all_expert_bytes(torch.bfloat16) / spec.num_moe_layers
+    gpu = torch.device("cuda")
     host = 64 << 30
-    layers = dec.layers_that_fit(spec, torch.bfloat16, host_bytes=host)
-    assert layers * per_layer <= dec.HOST_FRACTION * host < (layers + 1) * per_layer
-    assert dec.layers_that_fit(spec, torch.bfloat16, host_bytes=1 << 50) == spec.num_layers
+    per_layer = spec.all_expert_bytes(torch.bfloat16) / spec.num_moe_layers
+    layers = dec.layers_that_fit(spec, torch.bfloat16, gpu, lambda s: 4, available=host)
+    budget = dec.HOST_HEADROOM * host - dec.PROCESS_BYTES
+    assert layers * per_layer <= budget < (layers + 1) * per_layer  # on a GPU the host holds the experts only
+    assert dec.layers_that_fit(spec, torch.bfloat16, gpu, lambda s: 4, available=1 << 50) == spec.num_layers
+
+
+def test_on_the_cpu_the_estimate_counts_slots_and_weights_and_refuses_with_the_numbers():
+    """Mixtral's real shapes in fp32 on a 24 GiB host: the store alone would allow 3 layers, which the slot pool
+    and weights on the host push past the memory (the run was killed); now it is 1, or refused with numbers."""
+    spec, cpu = get_spec("mixtral"), torch.device("cpu")
+    share = 172 / 32  # the 128K plan's slots per MoE layer
+
+    def slots(part):
+        return round(share * part.num_moe_layers)
+
+    host = 24 << 30
+    layers = dec.layers_that_fit(spec, torch.float32, cpu, slots, available=host)
+    assert layers == 2 and dec.host_bytes(dec.truncate(spec, layers), torch.float32, cpu, 11, False) <= 0.9 * host
+    with pytest.raises(ConfigError, match=r"--layers 3: .* needs \d+\.\d GiB of host memory .* available"):
+        dec.layers_that_fit(spec, torch.float32, cpu, slots, layers=3, available=host)
+    with pytest.raises(ConfigError, match="even 1 layer"):
+        dec.layers_that_fit(spec, torch.float32, cpu, slots, resident=True, available=8 << 30)
+def test_truncate_keeps_the_first_layers_and_refuses_what_has_no_moe_layer():
+    spec = get_spec("mixtral")
     assert dec.truncate(spec, 3).num_moe_layers == 3
     lite = get_spec("deepseek-v2-lite")  # layer 0 is dense
     with pytest.raises(ConfigError, match="give at least 2"):

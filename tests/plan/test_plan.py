@@ -90,11 +90,11 @@ def test_fp8_alone_is_offered_when_it_is_enough():
     assert plan("mixtral", "h100-sxm", ctx=1 << 20, kv_dtype="fp8").expert_slots >= 2
 
 
-def test_past_trained_context_warns_in_plan_and_log(caplog):
+def test_past_trained_context_warns_in_the_plan_without_logging_it(caplog):
     with caplog.at_level(logging.WARNING, logger="prophet.plan"):
         p = plan("mixtral", "h100-sxm", ctx=65536)
     assert p.needs_rope_scaling and "RoPE scaling" in p.warnings[0] and "32768" in p.warnings[0]
-    assert "RoPE scaling" in caplog.text
+    assert caplog.text == ""  # a pure planner: the caller says it once (prophet-bench printed it twice)
     assert plan("mixtral", "h100-sxm", ctx=32768).warnings == ()
 
 

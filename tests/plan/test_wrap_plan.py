@@ -67,7 +67,7 @@ def test_longer_context_leaves_fewer_slots_on_the_same_gpu():
 def test_context_past_training_warns(caplog):
     spec = get_spec("mixtral")
     ctx = spec.context_length * 2
-    with caplog.at_level(logging.WARNING, logger="prophet.plan"):
+    with caplog.at_level(logging.WARNING, logger="prophet.wrap"):
         model = prophet.wrap(spec.tiny_model(), device="cpu", max_context=ctx, gpu="h100-sxm")
     assert runtime_of(model).plan.needs_rope_scaling and "RoPE scaling" in caplog.text
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from prophet.cli import main as cli_main
 from prophet.config import PrefetchConfig
 from prophet.errors import ConfigError
 from prophet.models.registry import get_spec
@@ -16,7 +17,6 @@ from prophet.predict.data import RouterTrace, as_router_trace
 from prophet.predict.evaluate import replay as harness_replay
 from prophet.predict.statistical import FrequencyPredictor
 from prophet.sim import CostModel, bounds, get_profile, replay, schedule
-from prophet.sim.cli import replay_main
 from prophet.trace import load
 
 MIXTRAL = get_spec("mixtral-8x7b")
@@ -147,7 +147,7 @@ def test_trace_of_another_model_is_refused(mixtral_trace):
 
 def test_command_line_ends_with_one_json_record(shared_traces, capsys):
     trace = str(shared_traces / "mixtral-8x7b_humaneval_decode.npz")
-    assert replay_main(["--trace", trace, "--policy", "lru,belady", "--slots-per-layer", "4", "--steps", "40"]) == 0
+    assert cli_main(["replay", "--trace", trace, "--policy", "lru,belady", "--slots-per-layer", "4", "--steps", "40"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["policy"] for r in record["results"]] == ["lru", "belady"]
     assert {"all_resident", "all_miss", "oracle"} <= set(record["bounds"])

@@ -1,4 +1,5 @@
-"""``python -m prophet.trace``: convert, stats, synth, and errors reported without a traceback."""
+"""``prophet-bench trace`` (also ``python -m prophet.trace``): convert, stats, synth, and errors reported without a
+traceback."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import json
 import numpy as np
 
 import prophet.trace as pt
-from prophet.trace.__main__ import main
+from prophet.cli import main as cli_main
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["trace", *argv])
 
 
 def test_convert_then_stats(tmp_path, shared_traces, capsys):
@@ -32,4 +37,4 @@ def test_synth_writes_a_trace_of_the_asked_shape(tmp_path):
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "no such file" in err
+    assert err.startswith("prophet-bench: error: ") and "no such file" in err and len(err.strip().splitlines()) == 1
