@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from prophet import envs
+from prophet.envs import kernel_backend, triton_interpret
 from prophet.errors import KernelError
 from prophet.formats import ExpertFormat, WeightFormat, dequantize
 
@@ -265,7 +265,7 @@ def moe_experts_triton(
     """
     _check_inputs(hidden, slot_ids, weights, w1, w2, fmt, b1, b2, quant)
     device = hidden.device
-    if device.type != "cuda" and not envs.triton_interpret():
+    if device.type != "cuda" and not triton_interpret():
         raise KernelError(
             f"backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 set before Triton is imported; "
             "move the tensors to CUDA or use backend='reference'"
@@ -363,7 +363,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise KernelError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = envs.kernel_backend()
+        backend = kernel_backend()
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "reference"
     return backend

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from prophet import envs
+from prophet.envs import kernel_config_dir
 from prophet.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def load_configs(
     has it. Files tuned under another Triton version still apply: the closest version wins (`_closest_version`)
     and the substitution is logged."""
     pattern = config_file_name(hidden_size, intermediate_size, dtype, device, "*")
-    extra = envs.kernel_config_dir()
+    extra = kernel_config_dir()
     folders = ([Path(extra)] if extra else []) + [CONFIG_DIR]
     for folder in folders:
         found = {path.name.removesuffix(".json").rsplit("_triton-", 1)[1]: path for path in folder.glob(pattern)}

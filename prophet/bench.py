@@ -369,7 +369,7 @@ def measure(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sam
         slots = slots_for(spec_run)
         routes = _first_layers(sample.replay, moe)
         fit = None if sample.fit is None else _first_layers(sample.fit, moe)
-        sched = schedule(routes, opts.batch, lead + steps)
+        sched = schedule(routes, opts.batch, 1 + warmup + steps, prompt=PROMPT_TOKENS)  # the prompt is one step
         routing = dec.ForcedRouting(routes.experts, sched.rows, device)
         if layers < spec.num_layers:
             why = ("--layers" if opts.layers else f"host memory: all {spec.num_layers} layers need "
@@ -406,14 +406,14 @@ def measure(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sam
                                          "weights": opts.weights, "dtype": str(dtype).removeprefix("torch."),
                                          "why": why, "prompt_tokens": PROMPT_TOKENS, "warmup_steps": warmup}}
     if routes is not None:  # the simulator's estimate of the very same rows, for checking the cost model
-        head = schedule(routes, opts.batch, lead)  # the untimed prefix of the same rows
+        head = schedule(routes, opts.batch, 1 + warmup, prompt=PROMPT_TOKENS)  # the untimed prefix of the same rows
         for r in results:
             if r["policy"] == "all-resident":
                 continue
             policy, predictor_name = assign(r["policy"], opts.predictor, everywhere=False)
             whole, prefix = (  # one link budget for both, so the prefix is the start of the same replay
                 replay(routes, spec_run, profile, policy=policy, cache_slots=slots, batch=opts.batch,
-                       context=memory.ctx, sched=s, progress=False, prefetch=budget,
+                       context=memory.ctx, sched=s, progress=False, prefetch=budget, sequences=False,
                        predictor=make_predictor(predictor_name, fit, sched) if predictor_name else None)
                 for s in (sched, head)
             )

@@ -31,6 +31,10 @@ class LayerStats:
     evictions: int = 0
     bytes_h2d: int = 0
     waves: int = 0  # extra passes needed because a step wanted more experts than the pool holds
+    host_experts: int = 0  # distinct missed experts computed on the host CPU instead of copied (on_miss)
+    host_tokens: int = 0  # token-expert pairs those host experts computed
+    host_ms: float = 0.0  # wall time of the host experts' work (their future's run), summed over steps
+    host_wait_ms: float = 0.0  # time the step waited for host results after its GPU work was queued
 
     def add(self, other: LayerStats) -> None:
         for name in self.__dataclass_fields__:
@@ -38,6 +42,7 @@ class LayerStats:
 
     @property
     def hit_rate(self) -> float:
+        """Hits over hits + misses; a host-computed expert counts as a miss (its weights were not resident)."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
@@ -136,41 +141,48 @@ class ExpertCache:
         self.step += 1
         stats = self.stats[layer]
         slots: dict[int, int] = {}  # expert -> slot
-        # Hits are pinned before any miss loads, so a miss can never evict an expert this same step needs.
-        for e in experts:
-            s = pool.slot_of.get((layer, e))
-            if s is not None:
-                stats.hits += 1
-                slot = pool.slots[s]
-                if slot.prefetched:
-                    stats.prefetch_hits += 1
-                    slot.prefetched = False
-                slot.pins += 1
-                pool.policy.touch((layer, e))
-                slots[e] = s
-        for e in experts:
-            if e not in slots:
-                stats.misses += 1
-                s = self._load(pool, (layer, e), prefetch=False)
-                pool.slots[s].pins += 1
-                pool.policy.touch((layer, e))
-                slots[e] = s
-        ordered = [slots[e] for e in experts]
-        for s in ordered:
-            slot = pool.slots[s]
-            if slot.load is not None:
-                self.waits += not self.engine.done(slot.load)
-                self.engine.wait(slot.load)
-                if self.engine.done(slot.load):
-                    slot.load = None
+        try:
+            # Hits are pinned before any miss loads, so a miss can never evict an expert this same step needs.
+            slot_of, entries, touch = pool.slot_of, pool.slots, pool.policy.touch
+            for e in experts:
+                s = slot_of.get((layer, e))
+                if s is not None:
+                    slot = entries[s]
+                    if slot.prefetched:
+                        stats.prefetch_hits += 1
+                        slot.prefetched = False
+                    slot.pins += 1
+                    slots[e] = s
+                    touch((layer, e))
+            stats.hits += len(slots)
+            for e in experts:
+                if e not in slots:
+                    stats.misses += 1
+                    s = self._load(pool, (layer, e), prefetch=False)
+                    pool.slots[s].pins += 1
+                    slots[e] = s
+                    pool.policy.touch((layer, e))
+            ordered = [slots[e] for e in experts]
+            for s in ordered:
+                slot = entries[s]
+                if slot.load is not None:
+                    self.waits += not self.engine.done(slot.load)
+                    self.engine.wait(slot.load)
+                    if self.engine.done(slot.load):
+                        slot.load = None
+        except BaseException:
+            self.release(layer, list(slots.values()))  # nothing read them: the step that failed holds no pin
+            self.repair()
+            raise
         return ordered
 
     def release(self, layer: int, slots: Sequence[int]) -> None:
         """Unpin ``slots`` once the compute that reads them has been issued."""
         pool = self.pool(layer)
+        entries = pool.slots
         for s in slots:
-            pool.slots[s].pins -= 1
-            self.engine.released(pool.data[s])
+            entries[s].pins -= 1
+        self.engine.released(pool.data, slots)
 
     def prefetch(self, layer: int, expert: int) -> bool:
         """Start loading ``expert`` of ``layer`` into an evictable slot; False if resident or nothing evictable."""
@@ -178,7 +190,9 @@ class ExpertCache:
         key = (layer, expert)
         if key in pool.slot_of:
             return False
-        if not pool.free and not self._evictable(pool, include_loading=False, for_prefetch=True):
+        fresh = self.step - self.store.num_layers
+        if not pool.free and not any(slot.key is not None and self._can_evict(slot, False, True, fresh)
+                                     for slot in pool.slots):
             return False
         self._load(pool, key, prefetch=True)
         self.stats[layer].prefetches += 1
@@ -214,27 +228,42 @@ class ExpertCache:
     def _evictable(self, pool: SlotPool, include_loading: bool, for_prefetch: bool = False) -> list[Key]:
         """Keys whose slots may be reused. A prefetch never evicts another prefetch that is still fresh
         (younger than one pass over all layers), so a lower-scored request cannot undo a higher-scored one."""
-        out = []
         fresh = self.step - self.store.num_layers
-        for slot in pool.slots:
-            if slot.key is None or slot.pins:
-                continue
-            if for_prefetch and slot.prefetched and slot.born > fresh:
-                continue
-            if slot.load is not None and not include_loading and not self.engine.done(slot.load):
-                continue
-            out.append(slot.key)
-        return out
+        done = self.engine.done  # `_can_evict`, inlined: a pool may hold thousands of slots
+        return [slot.key for slot in pool.slots
+                if slot.key is not None and not slot.pins
+                and not (for_prefetch and slot.prefetched and slot.born > fresh)
+                and (slot.load is None or include_loading or done(slot.load))]
+
+    def _can_evict(self, slot: _Slot, include_loading: bool, for_prefetch: bool, fresh: int) -> bool:
+        if slot.pins or (for_prefetch and slot.prefetched and slot.born > fresh):
+            return False
+        return slot.load is None or include_loading or self.engine.done(slot.load)
+
+    def _victim(self, pool: SlotPool, for_prefetch: bool) -> Key | None:
+        """The key to evict, or None when every slot is pinned. A policy with a total order (LRU, FIFO) is walked
+        from its oldest key to the first evictable one, the same choice as ranking every evictable key, without
+        scanning the whole pool."""
+        order = pool.policy.order()
+        if order is None:
+            candidates = self._evictable(pool, False, for_prefetch) or self._evictable(pool, True, for_prefetch)
+            return pool.policy.victim(candidates) if candidates else None
+        fresh = self.step - self.store.num_layers
+        for include_loading in (False, True):
+            for key in order:
+                s = pool.slot_of.get(key)
+                if s is not None and self._can_evict(pool.slots[s], include_loading, for_prefetch, fresh):
+                    return key
+        return None
 
     def _take_slot(self, pool: SlotPool, for_prefetch: bool) -> int:
         if pool.free:
             return pool.free.pop()
-        candidates = self._evictable(pool, False, for_prefetch) or self._evictable(pool, True, for_prefetch)
-        if not candidates:
+        victim = self._victim(pool, for_prefetch)
+        if victim is None:
             raise CapacityError(
                 f"all {pool.num_slots} slots are pinned by the current step; raise cache_slots/slots_per_layer"
             )
-        victim = pool.policy.victim(candidates)
         s = pool.slot_of.pop(victim)
         slot = pool.slots[s]
         if slot.load is not None:
@@ -249,8 +278,11 @@ class ExpertCache:
 
     def _load(self, pool: SlotPool, key: Key, prefetch: bool) -> int:
         s = self._take_slot(pool, for_prefetch=prefetch)
-        src = self.store.slab(*key)
-        load = self.engine.copy(pool.data[s], src, s)
+        try:
+            load = self.engine.copy(pool.data[s], self.store.slab(*key), s)
+        except BaseException:
+            pool.free.append(s)  # the slot was emptied for this copy: give it back, as if never taken
+            raise
         self.waits += self.engine.blocking
         pool.slots[s] = _Slot(key=key, load=None if self.engine.done(load) else load, prefetched=prefetch, born=self.step)
         if pool.slots[s].load is not None:
@@ -259,6 +291,40 @@ class ExpertCache:
         pool.policy.insert(key)
         self.stats[key[0]].bytes_h2d += load.nbytes
         return s
+
+    # ---- recovery ------------------------------------------------------------------------------------------
+    def pinned(self) -> int:
+        """Pins held over all pools (0 between steps)."""
+        return sum(slot.pins for pool in self.pools for slot in pool.slots)
+
+    def unpin_all(self) -> None:
+        """Release every pin, as the end of a step would: what a step interrupted by an exception still held.
+        Compute already issued on those slots stays ordered before any later copy into them."""
+        for pool in self.pools:
+            held = [s for s, slot in enumerate(pool.slots) if slot.pins]
+            for s in held:
+                pool.slots[s].pins = 0
+            if held:
+                self.engine.released(pool.data, held)
+        self.repair()
+
+    def repair(self) -> None:
+        """Make the expert -> slot map, the free list and the policy agree with the slots again, whatever
+        point an exception (KeyboardInterrupt included) left a load or an eviction at. A copy that was issued
+        stays known to the engine, so a slot is never reused under it."""
+        for pool in self.pools:
+            for s, slot in enumerate(pool.slots):
+                if slot.key is not None and pool.slot_of.get(slot.key) != s:
+                    if slot.key in pool.slot_of:  # another slot claims the key: this one is a stray copy
+                        pool.slots[s] = _Slot()
+                    else:
+                        pool.slot_of[slot.key] = s
+                        pool.policy.insert(slot.key)
+            for key, s in list(pool.slot_of.items()):
+                if pool.slots[s].key != key:
+                    del pool.slot_of[key]
+                    pool.policy.remove(key)
+            pool.free = [s for s in range(pool.num_slots - 1, -1, -1) if pool.slots[s].key is None]
 
     def total_stats(self) -> LayerStats:
         total = LayerStats()

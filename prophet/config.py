@@ -16,6 +16,9 @@ from prophet.errors import ConfigError
 T = TypeVar("T", bound="JsonConfig")
 
 POLICIES = ("lru", "lfu", "prophet", "belady", "fifo")
+# What a step does with an expert that is not resident: decide by cost (`prophet.hybrid.decide`), always copy it
+# to the device, or always compute it on the host CPU from the host store (`prophet.host_experts`).
+ON_MISS = ("auto", "copy", "host")
 
 
 class JsonConfig:
@@ -109,9 +112,16 @@ class ProphetConfig(JsonConfig):
     prefetch: PrefetchConfig = field(default_factory=lambda: PrefetchConfig(auto_budget=True))
     kernels: str = "auto"  # auto | triton | reference
     pin_memory: bool = True  # pin the host store when CUDA is present
+    on_miss: str = "copy"  # one of ON_MISS; "copy" until the runtime's step computes on the host
+    host_threads: int | None = None  # CPU threads for host experts (None: `prophet.host_experts.default_threads`)
 
     def __post_init__(self) -> None:
         _check(self.kernels in ("auto", "triton", "reference"), f"kernels={self.kernels!r}: use auto, triton or reference")
+        _check(self.on_miss in ON_MISS, f"on_miss={self.on_miss!r}: use one of {', '.join(ON_MISS)}")
+        _check(
+            self.host_threads is None or (isinstance(self.host_threads, int) and self.host_threads >= 1),
+            f"host_threads={self.host_threads!r}: give a positive number of CPU threads, or None to detect",
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProphetConfig:

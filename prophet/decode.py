@@ -182,6 +182,8 @@ def decode(model: nn.Module, routing: ForcedRouting | None, *, batch: int, promp
 
     with torch.inference_mode():
         kv.reset()  # inside inference mode: a cache that lazily made inference tensors can only change there
+        if is_wrapped(model):
+            runtime_of(model).begin_sequence()  # a reused static cache looks like a continuing sequence
         token = step(ids, 0)
         if after_prefill is not None:
             after_prefill()

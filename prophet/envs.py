@@ -41,3 +41,21 @@ def shared_traces_dir() -> Path:
     and experiments read (never copied into the repository)."""
     value = os.environ.get("PROPHET_SHARED_TRACES")
     return Path(value) if value else Path(__file__).resolve().parents[2] / "shared" / "traces"
+
+
+def host_threads() -> int | None:
+    """``PROPHET_HOST_THREADS``: CPU threads computing missed experts on the host (default: detected)."""
+    value = os.environ.get("PROPHET_HOST_THREADS")
+    if not value:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        from prophet.errors import ConfigError
+
+        raise ConfigError(f"PROPHET_HOST_THREADS={value!r}: use a positive integer")
+    return int(value)
+
+
+def cache_dir() -> Path:
+    """``PROPHET_CACHE_DIR``, else ``~/.cache/prophet``: where the host kernel is compiled to."""
+    value = os.environ.get("PROPHET_CACHE_DIR")
+    return Path(value) if value else Path.home() / ".cache" / "prophet"

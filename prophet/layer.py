@@ -1,32 +1,30 @@
 """`OffloadedExperts`: the module that replaces a model's experts, with the same call signature.
 
-One call is one step of one MoE layer: dedup the batch's experts, acquire their slots (loading misses), remap
-expert ids to slot ids on the device, run the grouped expert kernel over the slot pool, release the slots, then
-let the predictor and prefetcher look ahead. A step that needs more distinct experts than the pool holds runs
-in waves (load, compute, release, repeat), still exact.
+One call is one step of one MoE layer, run by the runtime (`prophet.runtime`, in the order of `prophet.step`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from prophet.models.adapter import ExpertFormat, MoELayer
 
-if TYPE_CHECKING:
-    from prophet.runtime import Runtime
 
-# Batches with at most this many (token, k) pairs are deduplicated in Python after one small copy of the ids:
-# cheaper than torch.unique's kernel launches at decode sizes.
-_SMALL_DEDUP = 256
+class LayerRunner(Protocol):
+    """What runs a layer's step (`prophet.runtime.Runtime`); the layer knows nothing else of it."""
+
+    def run_layer(
+        self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class OffloadedExperts(nn.Module):
     """Drop-in for a transformers v5 experts module; holds no parameters, only a reference to the runtime."""
 
-    def __init__(self, layer: MoELayer, runtime: Runtime) -> None:
+    def __init__(self, layer: MoELayer, runtime: LayerRunner) -> None:
         super().__init__()
         self.moe_index = layer.moe_index
         self.num_experts = layer.num_experts
@@ -53,16 +51,3 @@ def _standard_args(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return hidden_states, top_k_index, top_k_weights
 
-
-def unique_experts(top_k_index: torch.Tensor, num_experts: int) -> tuple[list[int], bool]:
-    """Sorted distinct expert ids of a step, and whether any id lies outside ``[0, num_experts)``.
-
-    Out-of-range ids are what some routers emit for "no expert" (transformers treats id ``E`` so); they are
-    left out and their pairs contribute nothing.
-    """
-    if top_k_index.numel() <= _SMALL_DEDUP:
-        ids = set(top_k_index.flatten().tolist())
-    else:
-        ids = set(torch.unique(top_k_index).tolist())
-    valid = sorted(e for e in ids if 0 <= e < num_experts)
-    return valid, len(valid) != len(ids)

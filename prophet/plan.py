@@ -86,8 +86,8 @@ def _dtype_size(dtype: torch.dtype) -> int:
 
 
 def gpu_profiles() -> dict[str, int]:
-    """Named hardware profiles (`prophet.sim`'s, the one source of them) and their device memory in bytes."""
-    from prophet.sim import get_profile, list_profiles
+    """Named hardware profiles (`prophet.hardware`'s, the one source of them) and their device memory in bytes."""
+    from prophet.hardware import get_profile, list_profiles
 
     return {name: int(get_profile(name).hbm_bytes) for name in list_profiles()}
 

@@ -7,9 +7,10 @@ are ``(layer, expert)`` tuples. `victim` receives the evictable keys and returns
 from __future__ import annotations
 
 import itertools
-import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
 
 from prophet.errors import ConfigError
 
@@ -34,6 +35,11 @@ class EvictionPolicy:
         """Which of ``candidates`` (non-empty, all resident and evictable) to evict."""
         raise NotImplementedError
 
+    def order(self) -> Iterable[Key] | None:
+        """Resident keys in eviction order (first = evicted first), when the policy ranks by a total order that
+        `victim` follows; None when it must see the candidates."""
+        return None
+
 
 class LRU(EvictionPolicy):
     """Least recently used: a load counts as a use, so fresh prefetches are not evicted first."""
@@ -53,6 +59,9 @@ class LRU(EvictionPolicy):
 
     def remove(self, key: Key) -> None:
         self._order.pop(key, None)
+
+    def order(self) -> Iterable[Key]:
+        return self._order
 
     def victim(self, candidates: Sequence[Key]) -> Key:
         if len(candidates) == 1:
@@ -125,10 +134,9 @@ class ScoredPolicy(EvictionPolicy):
         return [self.score(k) for k in candidates]
 
     def victim(self, candidates: Sequence[Key]) -> Key:
-        scores = self.scores(candidates)
-        low = min(scores)
-        tied = [k for k, s in zip(candidates, scores, strict=True) if s == low]
-        return tied[0] if len(tied) == 1 else self.base.victim(tied)
+        scores = np.asarray(self.scores(candidates), dtype=np.float64)  # [C]: one pass, a pool may hold thousands
+        tied = np.flatnonzero(scores == scores.min())
+        return candidates[tied[0]] if len(tied) == 1 else self.base.victim([candidates[j] for j in tied])
 
 
 POLICY_FACTORIES: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "fifo": FIFO}
@@ -179,23 +187,36 @@ class Belady(ScoredPolicy):
     def __init__(self, uses: dict[Key, list[int]], base: EvictionPolicy | None = None) -> None:
         super().__init__(self._next_use, base)
         self.uses = uses
-        self._seen: dict[Key, int] = {}  # touches of each key so far
+        # the future as arrays, so a pool of thousands of candidates is scored in one pass
+        self._index = {key: i for i, key in enumerate(uses)}  # key -> row
+        self._count = np.array([len(v) for v in uses.values()], dtype=np.int64)  # [K] uses of each key
+        self._first = np.concatenate([[0], np.cumsum(self._count)[:-1]]).astype(np.int64)  # [K] offset in _flat
+        self._flat = np.array([p for v in uses.values() for p in v], dtype=np.float64)  # positions, key by key
+        self._seen = np.zeros(len(self._count), dtype=np.int64)  # [K] touches of each key so far
 
     def touch(self, key: Key) -> None:
-        n = self._seen.get(key, 0)
-        if n >= len(self.uses.get(key, ())):
+        i = self._index.get(key)
+        if i is None or self._seen[i] >= self._count[i]:
             raise ConfigError(
                 f"Belady: key {key} used more often than the access stream it was built from says; "
                 "build it from the same trace, in the same order, that the cache replays"
             )
-        self._seen[key] = n + 1
+        self._seen[i] += 1
         super().touch(key)
+
+    def scores(self, candidates: Sequence[Key]) -> np.ndarray:
+        """``[C]`` negated next-use positions of ``candidates`` (-inf for never again)."""
+        rows = np.fromiter((self._index.get(k, -1) for k in candidates), np.int64, len(candidates))
+        known = rows >= 0
+        seen = np.where(known, self._seen[rows], 0)
+        left = known & (seen < np.where(known, self._count[rows], 0))
+        out = np.full(len(rows), -np.inf)
+        out[left] = -self._flat[self._first[rows[left]] + seen[left]]
+        return out
 
     def _next_use(self, key: Key) -> float:
         """Negated position of ``key``'s next use (-inf if never again): the furthest scores lowest."""
-        uses = self.uses.get(key, ())
-        n = self._seen.get(key, 0)
-        return -float(uses[n]) if n < len(uses) else -math.inf
+        return float(self.scores([key])[0])
 
 
 def access_positions(accesses: Sequence[Key]) -> dict[Key, list[int]]:

@@ -42,6 +42,12 @@ class Prefetcher:
         self._queue = sorted(best.values(), key=lambda p: -p.score)
         self.advance(current_layer)
 
+    def clear(self) -> None:
+        """Drop every queued request (a new sequence starts: next-token predictions are for a token that will
+        not come)."""
+        self._queue = []
+        self._last_layer = -1
+
     def costs(self) -> tuple[float, float] | None:
         """``(copy_ms, layer_ms)`` of the link budget: fixed, or measured with ``auto_budget`` once both are
         known; None means no budget (only ``min_score``)."""

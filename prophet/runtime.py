@@ -1,23 +1,93 @@
-"""The per-model runtime shared by every `OffloadedExperts` layer: store, cache, prefetcher, predictor, stats."""
+"""The per-model runtime shared by every `OffloadedExperts` layer: store, cache, prefetcher, predictor, stats.
+
+It runs `prophet.step.Step` with real copies: the step's ids reach the host once per MoE layer (one
+non_blocking copy into a pinned buffer, the only host sync), dedup and the predictor read that copy, and the
+expert -> slot table is written into pinned staging and copied to the device without a sync. When every expert
+is resident nothing reaches the host at all. Calls are serialized by a lock, so threads sharing one wrapped
+model each get right answers.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from prophet.cache import ExpertCache, LayerStats
-from prophet.layer import unique_experts
+from prophet.kernels.moe import Quant, moe_experts_reference, moe_experts_triton, resolve_backend
 from prophet.models.adapter import ExpertFormat, MoELayer
 from prophet.predict.base import Predictor
 from prophet.prefetch import Prefetcher
+from prophet.step import Step, unique_experts
 from prophet.store import HostStore
 
 if TYPE_CHECKING:
     from prophet.plan import Plan
     from prophet.sources import ExpertSource
+
+
+class HostIds:
+    """The pinned host buffer a step's expert ids land in: one non_blocking copy and one event wait, the
+    step's only host sync. The array it returns is reused by the next step: read it, never keep it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._buf: torch.Tensor | None = None  # [n] int64, pinned
+        self._event = torch.cuda.Event() if self.cuda else None
+
+    def fetch(self, ids: torch.Tensor) -> np.ndarray:
+        """``ids [T,k]`` on the host as int64."""
+        if not self.cuda:  # the host is the device: a view, no copy
+            return ids.numpy() if ids.dtype == torch.int64 and not ids.requires_grad else ids.detach().long().numpy()
+        n = ids.numel()
+        if self._buf is None or self._buf.numel() < n:
+            self._buf = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
+        view = self._buf[:n].view(ids.shape)
+        view.copy_(ids, non_blocking=True)
+        self._event.record()
+        self._event.synchronize()
+        return view.numpy()
+
+
+class SlotTables:
+    """Expert id -> slot id tables ``[E]`` on the device, one row per wave (at most E waves), written on the host
+    into pinned staging and copied without a sync. A row is rewritten only after the next step's id copy has
+    synchronized the stream, so its previous copy is done by then. Entries of experts a step does not use keep
+    older slot ids, which are valid slots too: a step reads only its own experts' entries."""
+
+    def __init__(self, num_experts: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        staging = torch.zeros((num_experts, num_experts), dtype=torch.int32, pin_memory=self.cuda)  # [W, E]
+        self._host = staging.numpy()
+        self._staging = staging.unbind(0)  # row views, so a step indexes a list, not a tensor
+        self._device = torch.zeros_like(staging, device=device).unbind(0) if self.cuda else self._staging
+
+    def remap(self, rows: np.ndarray, experts: list[int], slots: list[int], ids: torch.Tensor,
+              invalid: bool) -> torch.Tensor:
+        """Slot ids ``[T,k]`` of ``ids [T,k]`` (``rows``: the same ids on the host; ``invalid``: some lie outside
+        ``[0, E)``; their weight is 0, any valid slot does) when every expert of the step has a slot. A CPU device
+        indexes the host table directly."""
+        host = self._host[0]
+        host[experts] = slots
+        if self.cuda:
+            table = self._device[0]
+            table.copy_(self._staging[0], non_blocking=True)
+            return table[ids]
+        return torch.from_numpy(host[np.clip(rows, 0, len(host) - 1) if invalid else rows])
+
+    def table(self, row: int, experts: list[int], slots: list[int], fill: int) -> torch.Tensor:
+        """Row ``row`` of the tables on the device: ``experts`` -> ``slots``, every other expert -> ``fill``."""
+        host = self._host[row]
+        host.fill(fill)
+        host[experts] = slots
+        out = self._device[row]
+        if self.cuda:
+            out.copy_(self._staging[row], non_blocking=True)
+        return out
 
 
 class Runtime:
@@ -49,11 +119,23 @@ class Runtime:
         self._last_layer: tuple[int, float, bool] | None = None  # (layer, start time, waited for no copy)
         self._resident: list[torch.Tensor] | None = None  # per layer [E] expert -> slot, when all are resident
         self._resident_hits: torch.Tensor | None = None  # [L] distinct experts used, counted on the device
+        self._lock = threading.Lock()
+        self._ids = HostIds(device)
+        self._tables = SlotTables(self.num_experts, device)
+        self._kernel = moe_experts_reference
+        self._step = Step(cache, prefetcher, predictor)
+        self.sequence_hook: Any = None  # the model's forward pre-hook that calls begin_sequence (set by wrap)
 
     def settle(self) -> None:
-        """When the cache holds every expert, load them all now and run layers without the host: the slot of
+        """Bind the step to the current cache, prefetcher and predictor (`wrap` and `reconfigure` call this).
+
+        When the cache holds every expert, load them all now and run layers without the host: the slot of
         each expert never changes, so ids map to slots on the device, with no sync, no eviction and no
         prefetch (the predictor is not consulted). Otherwise layers go through the cache step by step."""
+        self._step = Step(self.cache, self.prefetcher, self.predictor)
+        triton = resolve_backend(self.kernels, self.device) == "triton"
+        self._kernel = moe_experts_triton if triton else moe_experts_reference
+        self._last_layer = None
         self._resident = self._resident_hits = None
         if not self.cache.holds_everything():
             return
@@ -61,40 +143,65 @@ class Runtime:
         self._resident = [torch.tensor(row, dtype=torch.int32, device=self.device) for row in slots]
         self._resident_hits = torch.zeros(len(slots), dtype=torch.int64, device=self.device)
 
+    def drop_cache(self) -> None:
+        """Let go of the cache and everything that holds it (its slot pool's memory can be freed); `settle` after
+        giving the runtime a new one."""
+        self.cache = self.prefetcher = None
+        self._step = None
+        self._resident = self._resident_hits = None
+
+    def begin_sequence(self) -> None:
+        """A new sequence starts (a forward without past keys and values): predictors reset, queued
+        next-token prefetches dropped. Cached experts stay, as a serving process's would."""
+        with self._lock:
+            self._step.begin_sequence()
+            self._last_layer = None
+
     def run_layer(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """One step of MoE layer ``layer``: ``hidden [T,H]``, ``top_k_index [T,k]``, ``top_k_weights [T,k]`` -> ``[T,H]``."""
-        if self._resident is not None:
-            return self._run_resident(layer, hidden, top_k_index, top_k_weights)
-        ids, has_invalid = unique_experts(top_k_index, self.num_experts)  # syncs: earlier device work is done
+        with self._lock:
+            if self._resident is not None:
+                return self._run_resident(layer, hidden, top_k_index, top_k_weights)
+            return self._run_cached(layer, hidden, top_k_index, top_k_weights)
+
+    def _run_cached(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+        rows = self._ids.fetch(top_k_index)  # [T,k] on the host: the step's one sync
+        ids, has_invalid = unique_experts(rows, self.num_experts)
         start = time.perf_counter()
-        self._time_previous_layer(layer, start, hidden.shape[0])
-        waits = self.cache.waits  # before advance: copies it issues fall inside this step's interval
-        self.prefetcher.advance(layer)
-        if not ids:
-            return torch.zeros_like(hidden)
+        capturing = self._ids.cuda and _capturing()
+        if not capturing:
+            self._time_previous_layer(layer, start, hidden.shape[0])
+        waits = self.cache.waits  # before the step: copies it issues fall inside this step's interval
         if has_invalid:
             valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
-            top_k_index = torch.where(valid, top_k_index, ids[0])
+            top_k_index = torch.where(valid, top_k_index, ids[0] if ids else 0)
             top_k_weights = top_k_weights * valid
-        capacity = self.cache.capacity(layer)
-        if len(ids) <= capacity:
-            out = self._step(layer, hidden, top_k_index, top_k_weights, ids)
-        else:
-            out = self._waves(layer, hidden, top_k_index, top_k_weights, ids, capacity)
-        if self.predictor is not None and not _capturing():
-            self.predictor.observe(layer, top_k_index, top_k_weights, hidden)
-            self.prefetcher.submit(self.predictor.predict(), layer)
+        waves = len(ids) > self.cache.capacity(layer)
+        out = torch.zeros_like(hidden) if waves or not ids else None
+
+        def compute(wave: Any, slots: list[int], index: int) -> None:
+            nonlocal out
+            if not waves:
+                slot_ids = self._tables.remap(rows, ids, slots, top_k_index, has_invalid)  # [T,k] slot ids on the device
+                out = self._experts(layer, hidden, slot_ids, top_k_weights)
+                return
+            slot_ids = self._tables.table(index, list(wave), slots, fill=-1)[top_k_index]  # -1: other waves
+            in_wave = slot_ids >= 0  # [T,k]; pairs of other waves get weight 0 (no host sync to pick rows)
+            out += self._experts(layer, hidden, torch.where(in_wave, slot_ids, slots[0]), top_k_weights * in_wave)
+
+        self._step.run(layer, ids, compute, rows, top_k_weights, hidden, observe=not capturing)
         self._last_layer = (layer, start, self.cache.waits == waits)
         return out
 
     def _time_previous_layer(self, layer: int, now: float, tokens: int) -> None:
         """Feed the prefetcher's link budget the previous layer step's time when it waited for no copy.
 
-        Each layer's dedup syncs with the device, so the host interval between two consecutive layers' syncs is
-        one layer step of device time (its experts, the next attention and router)."""
-        if self._last_layer is None or _capturing():
+        Each layer's id copy syncs with the device, so the host interval between two consecutive layers' syncs
+        is one layer step of device time (its experts, the next attention and router)."""
+        if self._last_layer is None:
             return
         previous, started, clean = self._last_layer
         if clean and layer == previous + 1:
@@ -110,47 +217,12 @@ class Runtime:
         slot_ids = self._resident[layer][ids.clamp(max=E - 1)]  # [T,k]
         return self._experts(layer, hidden, slot_ids, top_k_weights * valid)
 
-    def _lut(self, ids: list[int], slots: list[int], fill: int) -> torch.Tensor:
-        """Expert id -> slot id table ``[E]`` on the device (one small host->device copy)."""
-        table = [fill] * self.num_experts
-        for e, s in zip(ids, slots, strict=True):
-            table[e] = s
-        return torch.tensor(table, dtype=torch.int32, device=self.device)
-
     def _experts(self, layer: int, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from prophet.kernels.moe import Quant, moe_experts
-
         views = self.cache.views(layer)
         wf = self.store.weights  # quantized slots carry their scales: the kernels dequantize from the slot bytes
         quant = Quant(wf, views["w1_scale"], views["w2_scale"]) if wf.quantized else None
-        return moe_experts(
-            hidden, slot_ids, weights, views["w1"], views["w2"], self.fmt, views.get("b1"), views.get("b2"), quant,
-            backend=self.kernels,
-        )
-
-    def _step(self, layer: int, hidden, top_k_index, top_k_weights, ids: list[int]) -> torch.Tensor:
-        slots = self.cache.acquire(layer, ids)
-        slot_ids = self._lut(ids, slots, fill=0)[top_k_index]  # [T,k] remapped on the device
-        out = self._experts(layer, hidden, slot_ids, top_k_weights)
-        self.cache.release(layer, slots)
-        return out
-
-    def _waves(self, layer: int, hidden, top_k_index, top_k_weights, ids: list[int], capacity: int) -> torch.Tensor:
-        """Experts in groups of ``capacity``: each wave computes only the (token, k) pairs of its experts."""
-        out = torch.zeros_like(hidden)
-        for start in range(0, len(ids), capacity):
-            wave = ids[start : start + capacity]
-            slots = self.cache.acquire(layer, wave)
-            slot_ids = self._lut(wave, slots, fill=-1)[top_k_index]  # [T,k], -1 outside this wave
-            in_wave = slot_ids >= 0
-            rows = in_wave.any(dim=1).nonzero().squeeze(1)
-            sub_in = in_wave[rows]
-            sub_slots = torch.where(sub_in, slot_ids[rows], slots[0])  # pairs of other waves: weight 0 below
-            sub_weights = top_k_weights[rows] * sub_in
-            out[rows] += self._experts(layer, hidden[rows], sub_slots, sub_weights)  # rows are distinct
-            self.cache.release(layer, slots)
-            self.cache.stats[layer].waves += 1
-        return out
+        return self._kernel(hidden, slot_ids, weights, views["w1"], views["w2"], self.fmt, views.get("b1"),
+                            views.get("b2"), quant)
 
     def stats(self) -> RuntimeStats:
         layers = [LayerStats(**asdict(s)) for s in self.cache.stats]

@@ -10,6 +10,7 @@ Three engines share one interface so the cache and the prefetcher never branch o
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,8 +46,9 @@ class CopyEngine:
     def finish(self, load: Load) -> None:
         """Block the host until the copy is done (needed before evicting a slot that is still loading)."""
 
-    def released(self, dst: torch.Tensor) -> None:
-        """Compute that reads slot tensor ``dst`` has been issued; a later copy into it must wait for it."""
+    def released(self, pool: torch.Tensor, slots: Sequence[int]) -> None:
+        """Compute that reads ``slots`` of ``pool [S, numel]`` has been issued; a later copy into one of them
+        must wait for it."""
 
     def stall_seconds(self) -> float:
         """Compute time lost waiting for copies so far (resolved lazily on CUDA)."""
@@ -131,10 +133,12 @@ class CudaCopyEngine(CopyEngine):
         if load.event is not None:
             load.event.synchronize()
 
-    def released(self, dst: torch.Tensor) -> None:
-        event = torch.cuda.Event(enable_timing=False)
+    def released(self, pool: torch.Tensor, slots: Sequence[int]) -> None:
+        event = torch.cuda.Event(enable_timing=False)  # one event for the step's slots, keyed like copy()'s dst
         event.record(torch.cuda.current_stream(self.device))
-        self._slot_free[dst.data_ptr()] = event
+        base, stride = pool.data_ptr(), pool.stride(0) * pool.element_size()
+        for s in slots:
+            self._slot_free[base + s * stride] = event
 
     def stall_seconds(self) -> float:
         pending = []

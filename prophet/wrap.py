@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from prophet.cache import ExpertCache
+from prophet.compat import CACHE_KEYWORDS
 from prophet.config import CacheConfig, PrefetchConfig, ProphetConfig
 from prophet.errors import (
     AlreadyWrappedError,
@@ -255,7 +256,9 @@ def wrap(
     # Everything is checked; from here a failure puts the model back as it was (`_build`).
     store = HostStore.for_layers(layers, pin=dev.type == "cuda" and cfg.pin_memory, weights=weights, source=source,
                                  dtype=dtype)
-    setattr(model, _ATTR, _build(model, layers, store, source, make_runtime))
+    runtime = _build(model, layers, store, source, make_runtime)
+    setattr(model, _ATTR, runtime)
+    runtime.sequence_hook = model.register_forward_pre_hook(_sequence_starts(runtime), with_kwargs=True)
     return model
 
 
@@ -352,6 +355,28 @@ def _rollback(layers: list[MoELayer], shapes: list[dict[str, torch.Size]], store
     store.close()
 
 
+def _sequence_starts(runtime: Runtime) -> Callable[..., None]:
+    """A forward pre-hook telling the runtime where a sequence starts, so predictors reset there: a forward
+    with no past keys and values, or with a dynamic cache still empty or a static one not yet allocated. A
+    static cache reused after `reset()` cannot be told apart without a host sync: call
+    `runtime_of(model).begin_sequence()` then."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        past = next((kwargs[k] for k in CACHE_KEYWORDS if kwargs.get(k) is not None), None)
+        if past is None:
+            runtime.begin_sequence()
+            return
+        layers = getattr(past, "layers", None)
+        if layers is None:
+            return  # a cache type of its own: the caller says where sequences start
+        if not layers or not all(getattr(layer, "is_initialized", True) for layer in layers):
+            runtime.begin_sequence()  # static layers allocate at the first forward
+        elif all(type(layer).__name__ == "DynamicLayer" for layer in layers) and past.get_seq_length() == 0:
+            runtime.begin_sequence()
+
+    return hook
+
+
 def _new_cache(store: HostStore, dev: torch.device, policy: Callable[[], EvictionPolicy],
                cache_slots: int | None, slots_per_layer: int | None) -> ExpertCache:
     engine = CudaCopyEngine(dev) if dev.type == "cuda" else SyncCopyEngine()
@@ -384,7 +409,7 @@ def reconfigure(
     if predictor is not None:
         check_predictor(predictor, store.num_layers, store.num_experts, runtime.layers[0].top_k)
     old_config = runtime.prefetcher.config
-    runtime.cache = runtime.prefetcher = None  # drop every reference to the old pool before the new one is allocated
+    runtime.drop_cache()  # drop every reference to the old pool before the new one is allocated
     try:
         runtime.cache = _new_cache(
             store, runtime.device, factory,
@@ -426,6 +451,7 @@ def unwrap(model: nn.Module) -> nn.Module:
                 else:
                     layer.set_expert(e, runtime.store.read_canonical(li, e))
             setattr(layer.parent, layer.attr, layer.experts)
+    runtime.sequence_hook.remove()
     delattr(model, _ATTR)
     return model
 

@@ -141,8 +141,8 @@ def test_slot_release_names_the_slot_tensor_so_pools_never_collide():
             super().__init__()
             self.released_at: list[int] = []
 
-        def released(self, dst):
-            self.released_at.append(dst.data_ptr())
+        def released(self, pool, slots):
+            self.released_at.extend(pool[s].data_ptr() for s in slots)
 
     store = make_store()
     engine = Recording()

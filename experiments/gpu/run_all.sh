@@ -92,6 +92,9 @@ part decode-check 60 \
 part quant-check 90 \
   python3 experiments/gpu/quant_check.py --out "$res" \
   -- python3 experiments/gpu/quant_check.py --help
+part step-time 60 \
+  python3 experiments/gpu/step_time.py --out "$res" \
+  -- python3 experiments/gpu/step_time.py --dry-run
 part bench-mixtral-128k 120 \
   python3 -m prophet.cli run --model mixtral --ctx 128k \
     --weights random --layers 8 --compare --no-progress "${trace_args[@]}" --out "$res/prophet_bench_mixtral_128k_${gpu}.json" \

@@ -36,9 +36,10 @@ from prophet.predict import (
     RoutingPredictor,
 )
 from prophet.predict.data import RouterTrace, load
-from prophet.predict.evaluate import access_stream, recall_report, replay
+from prophet.predict.evaluate import recall_report
 from prophet.predict.statistical import ActivationMatrixPredictor
 from prophet.provenance import git_sha
+from prophet.sim.replay import access_stream, replay_counts
 
 REPO = Path(__file__).resolve().parents[2]
 # slots: per-layer cache sizes of the README's whole-trace table; headline: where predictors are measured.
@@ -116,7 +117,7 @@ def hit_rate_runs(
         predictor = factories[pred_name](fit, test) if pred_name else None
         if predictor is not None:
             predictor.horizon, predictor.top = 1, K
-        res = replay(
+        res = replay_counts(
             test, policy or _policy(uses, predictor), slots_per_layer=slots, predictor=predictor, prefetch=prefetch,
             expert_bytes=expert_bytes, name=label,
         )
@@ -153,7 +154,7 @@ def print_hits(name: str, slots: int, rows: list[dict], expert_bytes: int | None
     print(f"{'policy':<38}{'hit rate':>9}{'loads/tok':>10}{'prefetch':>9}{'pf hits':>8}{'wasted':>8}"
           + ("  GB/token" if expert_bytes else ""))
     for r in rows:
-        gb = f"{r['bytes_moved'] / r['tokens'] / 1e9:>10.2f}" if expert_bytes else ""
+        gb = f"{r['bytes_h2d'] / r['tokens'] / 1e9:>10.2f}" if expert_bytes else ""
         print(f"{r['policy']:<38}{r['hit_rate']:>9.4f}{r['loads_per_token']:>10.2f}{r['prefetches']:>9}"
               f"{r['prefetch_hits']:>8}{r['wasted_prefetches']:>8}{gb}")
 
@@ -163,7 +164,7 @@ def summed(runs: list[list[dict]]) -> list[dict]:
     out = []
     for rows in zip(*runs, strict=True):
         tot = {k: sum(r[k] for r in rows) for k in ("tokens", "hits", "misses", "prefetches", "prefetch_hits",
-                                                      "wasted_prefetches", "loads", "bytes_moved")}
+                                                      "wasted_prefetches", "loads", "bytes_h2d")}
         tot["policy"] = rows[0]["policy"]
         tot["hit_rate"] = tot["hits"] / max(tot["hits"] + tot["misses"], 1)
         tot["loads_per_token"] = tot["loads"] / max(tot["tokens"], 1)
@@ -193,7 +194,7 @@ def main() -> None:
         uses = access_positions(access_stream(trace))
         for slots in cfg["slots"]:
             entry["full_trace"][str(slots)] = [
-                replay(trace, f, slots_per_layer=slots, expert_bytes=cfg["expert_bytes"], name=n).to_dict()
+                replay_counts(trace, f, slots_per_layer=slots, expert_bytes=cfg["expert_bytes"], name=n).to_dict()
                 for n, f in (("lru", LRU), ("lfu", LFU), ("belady", _policy(uses, None)))
             ]
         slots = cfg["headline"]

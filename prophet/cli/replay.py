@@ -18,9 +18,9 @@ from typing import Any
 from prophet.bench import resolve_model, trace_name
 from prophet.cli.common import add_out, names, positive
 from prophet.errors import TraceError
+from prophet.hardware import get_profile, list_profiles
 from prophet.predict.data import RouterTrace, as_router_trace
 from prophet.provenance import git_sha, versions
-from prophet.sim.hardware import get_profile, list_profiles
 
 HELP = "replay a router trace through the cache, policies and prefetcher under a hardware cost model"
 

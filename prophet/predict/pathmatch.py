@@ -78,7 +78,7 @@ class PathMatchPredictor(RoutingPredictor):
         self._row = np.zeros((L, E), np.float32)  # this token's multi-hot, for online memory
         self._seen = np.zeros(L, bool)
         self._last_row = -1  # memory row of the previous token of this sequence
-        self._top: tuple[int, list[tuple[np.ndarray, np.ndarray]]] | None = None  # (version, [(rows, weights)])
+        self._top: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None  # (version, (rows [T,n], weights [T,n]))
 
     # ---- memory ---------------------------------------------------------------------------------------------
     def _grow(self, need: int) -> None:
@@ -170,39 +170,47 @@ class PathMatchPredictor(RoutingPredictor):
         if self.sim.shape != (len(rows), m):
             self.sim = np.zeros((len(rows), m), np.float32)
         col = self.mem[layer, :, :m]  # [E+1, M]; expert ids select use rows only
-        for t, row in enumerate(rows):
-            sim = self.sim[t]
-            sim *= self.decay
-            sim += col[row].sum(axis=0)
+        self.sim *= self.decay
+        if len(rows) == 1:
+            self.sim[0] += col[rows[0]].sum(axis=0)
+        else:  # every token at once: its multi-hot row times the layer's memory
+            hot = np.zeros((len(rows), self.num_experts + 1), np.float32)  # [T, E+1]
+            tok = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+            hot[tok, np.concatenate(rows).astype(np.int64) if len(tok) else tok] = 1.0
+            self.sim += hot @ col
         if self.online and len(rows) == 1:
             self._row[layer] = 0.0
             self._row[layer, rows[0]] = 1.0
             self._seen[layer] = True
 
-    def neighbours_of(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per current token: the most similar memory rows ``[n]`` and their vote weights ``[n]``."""
+    def neighbours_of(self) -> tuple[np.ndarray, np.ndarray]:
+        """The most similar memory rows of each current token ``[T, n]`` and their vote weights ``[T, n]``."""
         if self._top is not None and self._top[0] == self.version:
             return self._top[1]
         m = self.sim.shape[1]
         n = min(self.neighbours, m)
-        out = []
-        for sim in self.sim:
-            top = np.argpartition(sim, m - n)[m - n :] if n < m else np.arange(m)
-            out.append((top, sim[top] ** self.power))
-        self._top = (self.version, out)
-        return out
+        if n == m:
+            top = np.tile(np.arange(m), (len(self.sim), 1))
+        elif len(self.sim) == 1:  # batch 1: the 1-D partition costs less than the general one's index plumbing
+            top = np.argpartition(self.sim[0], m - n)[None, m - n :]
+        else:
+            top = np.argpartition(self.sim, m - n, axis=1)[:, m - n :]
+        found = (top, np.take_along_axis(self.sim, top, axis=1) ** self.power)
+        self._top = (self.version, found)
+        return found
 
     def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
         if not self.sim.shape[1]:
             return self.freq[layers]
-        found = self.neighbours_of()
-        out = np.empty((len(found), len(distances), self.num_experts))
-        for t, (top, w) in enumerate(found):
-            chain = [top]  # chain[s]: the rows s tokens after the neighbours (-1, the null row, past the end)
-            for i, (s, j) in enumerate(zip(shifts.tolist(), layers.tolist(), strict=True)):
-                while len(chain) <= s:
-                    chain.append(self.succ[chain[-1]])
-                r = chain[s]
-                votes = self.mem[j][:, r] @ w  # [E+1]: weighted votes per expert, then their total weight
-                out[t, i] = (votes[:-1] + self.prior_votes[j]) / (votes[-1] + self.prior)
+        top, w = self.neighbours_of()  # [T, n] each
+        out = np.empty((len(top), len(distances), self.num_experts))  # [T, D, E]
+        chain = [top]  # chain[s]: the rows s tokens after the neighbours (-1, the null row, past the end)
+        for i, (s, j) in enumerate(zip(shifts.tolist(), layers.tolist(), strict=True)):
+            while len(chain) <= s:
+                chain.append(self.succ[chain[-1]])
+            if len(top) == 1:  # [1, E+1]: votes per expert, then their total weight
+                votes = (self.mem[j][:, chain[s][0]] @ w[0])[None]
+            else:  # [T, E+1]
+                votes = np.einsum("etn,tn->te", self.mem[j][:, chain[s]], w)
+            out[:, i] = (votes[:, :-1] + self.prior_votes[j]) / (votes[:, -1:] + self.prior)
         return union(out)

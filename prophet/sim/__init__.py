@@ -5,10 +5,10 @@ with `SimCopyEngine` (modelled link) and `CostModel` (roofline per layer) on a `
 the limits every result is reported beside, under the same capacity, link and compute (`prophet.sim.bounds`).
 """
 
+from prophet.hardware import HardwareProfile, get_profile, list_profiles
 from prophet.sim.bounds import bounds
 from prophet.sim.cost import CostModel, expected_distinct
 from prophet.sim.engine import SimCopyEngine
-from prophet.sim.hardware import HardwareProfile, get_profile, list_profiles
 from prophet.sim.replay import ReplayResult, Schedule, ScheduleOracle, replay, schedule
 
 __all__ = [

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from prophet.hardware import HardwareProfile, get_profile
 from prophet.models.registry import get_spec
 from prophet.models.spec import ModelSpec
 from prophet.predict.data import as_router_trace
 from prophet.sim.cost import CostModel, expected_distinct
-from prophet.sim.hardware import HardwareProfile, get_profile
 from prophet.sim.replay import Schedule, replay, schedule
 
 

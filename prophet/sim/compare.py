@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from prophet.errors import ConfigError
+from prophet.hardware import HardwareProfile
 from prophet.models.spec import ModelSpec
 from prophet.policies import POLICY_FACTORIES
 from prophet.predict.data import RouterTrace
-from prophet.sim.hardware import HardwareProfile
 from prophet.sim.replay import Schedule, make_predictor, policy_args, replay, schedule
 from prophet.sim.samples import Sample
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from prophet.formats import expert_nbytes, weight_format
+from prophet.hardware import HardwareProfile
+from prophet.hybrid import MissCosts
 from prophet.models.spec import ModelSpec
-from prophet.sim.hardware import HardwareProfile
 
 
 def _dtype_size(dtype: torch.dtype) -> int:
@@ -72,8 +73,17 @@ class CostModel:
 
     def cpu_expert_seconds(self, tokens: int) -> float:
         """Host CPU time of one expert over ``tokens`` tokens: its weights stream from DRAM once."""
-        flops = 2 * self.spec.expert_params * tokens
-        return max(self.expert_bytes / (self.profile.host_gb_s * 1e9), flops / self.profile.cpu_flops)
+        return self.miss_costs().host_s(tokens)
+
+    def miss_costs(self) -> MissCosts:
+        """The costs `prophet.hybrid.decide` weighs, from the profile: a copy on the link, a host expert (weights
+        from host DRAM once, or FLOPs at the host's rate), one more resident expert's reads on the GPU."""
+        return MissCosts(
+            copy_s=self.copy_seconds(),
+            host_fixed_s=self.expert_bytes / (self.profile.host_gb_s * 1e9),
+            host_token_s=2 * self.spec.expert_params / self.profile.cpu_flops,
+            gpu_expert_s=self.expert_bytes / (self.profile.hbm_gb_s * 1e9),
+        )
 
 
 def expected_distinct(num_experts: int, top_k: int, batch: int) -> float:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from prophet.sim.hardware import HardwareProfile
+from prophet.hardware import HardwareProfile
 from prophet.transfer import CopyEngine, Load
 
 
 class SimCopyEngine(CopyEngine):
     """Modelled host->device link; ``now`` is the compute clock in seconds, set by the replay driver."""
 
-    def __init__(self, profile: HardwareProfile, expert_bytes: int, overlap: bool = True) -> None:
+    def __init__(self, profile: HardwareProfile | None, expert_bytes: int, overlap: bool = True) -> None:
         self.expert_bytes = expert_bytes
-        self.seconds_per_copy = profile.copy_seconds(expert_bytes)
+        self.seconds_per_copy = profile.copy_seconds(expert_bytes) if profile is not None else 0.0  # None: free
         self.overlap = overlap
         self.now = 0.0
         self.issue_at: float | None = None  # host time copies are issued at when it lags ``now`` (see replay)

@@ -6,12 +6,13 @@ different positions. Each MoE layer step dedups the batch's experts and drives t
 order `prophet.runtime.Runtime.run_layer` does: advance the prefetcher, acquire (waves when the batch wants more
 experts than the pool holds), issue compute, release, observe, submit predictions. Only time is modelled: the
 `SimCopyEngine` clock (copies serialized on one link, overlapping compute when ``overlap``) and the
-`CostModel` roofline per layer. With batch 1, unlimited bandwidth and no fixed cost this is exactly
-`prophet.predict.evaluate.replay` (same order, same counters).
+`CostModel` roofline per layer. `replay_counts` runs the same step with free copies and no clock (the predictor
+harness): same order, same counters.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,16 +25,17 @@ from tqdm import tqdm
 from prophet.cache import ExpertCache
 from prophet.config import PrefetchConfig
 from prophet.errors import ConfigError
+from prophet.hardware import HardwareProfile, get_profile
 from prophet.models.adapter import ExpertFormat
 from prophet.models.registry import get_spec
 from prophet.models.spec import ModelSpec
-from prophet.policies import POLICY_FACTORIES, Belady, EvictionPolicy, PredictionAware, access_positions
+from prophet.policies import POLICY_FACTORIES, Belady, EvictionPolicy, Key, PredictionAware, access_positions
 from prophet.predict.base import Prediction
 from prophet.predict.data import RouterTrace, as_router_trace
 from prophet.prefetch import Prefetcher
 from prophet.sim.cost import CostModel
 from prophet.sim.engine import SimCopyEngine
-from prophet.sim.hardware import HardwareProfile, get_profile
+from prophet.step import Step
 from prophet.store import HostStore
 
 # Replay moves one-element slabs; the engine charges the real expert size.
@@ -45,23 +47,35 @@ _TINY = ExpertFormat(hidden_size=1, intermediate_size=1)
 class Schedule:
     """Which trace rows each step plays and the distinct experts of every (step, layer).
 
-    rows     int64 [S, B]      trace row of lane b at step s
+    rows     int64 [P, B]      trace row of lane b at position p
     flat     list[int]         distinct expert ids, ascending, of step-layer i = s * L + l at offsets[i]:offsets[i+1]
     offsets  int64 [S*L + 1]
+    prompt   int               positions the first step plays at once (a prefill, deduplicated as one step, as the
+                               runtime does); every later step plays one position
     """
 
     rows: np.ndarray
     flat: list[int]
     offsets: np.ndarray
     num_layers: int
+    prompt: int = 1
 
     @property
     def steps(self) -> int:
-        return int(self.rows.shape[0])
+        return int(self.rows.shape[0]) - self.prompt + 1
 
     @property
     def batch(self) -> int:
         return int(self.rows.shape[1])
+
+    def positions(self, step: int) -> tuple[int, int]:
+        """``[start, end)`` positions of ``step``."""
+        return (0, self.prompt) if step == 0 else (self.prompt + step - 1, self.prompt + step)
+
+    def tokens(self, step: int) -> np.ndarray:
+        """``[T]`` trace rows of ``step`` in the runtime's token order (lane-major: t = b * n + p)."""
+        start, end = self.positions(step)
+        return self.rows[start:end].T.reshape(-1)
 
     def ids(self, step: int, layer: int) -> list[int]:
         i = step * self.num_layers + layer
@@ -72,21 +86,35 @@ class Schedule:
         return np.diff(self.offsets).reshape(self.steps, self.num_layers)
 
 
-def schedule(trace: RouterTrace, batch: int = 1, steps: int | None = None) -> Schedule:
-    """Interleave ``batch`` lanes over ``trace`` for ``steps`` steps (default: every token once, N // B steps)."""
-    if batch < 1:
-        raise ConfigError(f"batch={batch}: must be at least 1")
+def schedule(trace: RouterTrace, batch: int = 1, steps: int | None = None, prompt: int = 1) -> Schedule:
+    """Interleave ``batch`` lanes over ``trace`` for ``steps`` steps, the first playing ``prompt`` positions
+    (default: every token once)."""
+    if batch < 1 or prompt < 1:
+        raise ConfigError(f"batch={batch}, prompt={prompt}: both must be at least 1")
     n, L, E = trace.num_tokens, trace.num_layers, trace.num_experts
-    steps = steps if steps is not None else max(n // batch, 1)
+    steps = steps if steps is not None else max(n // batch - prompt + 1, 1)
+    if steps < 1:
+        raise ConfigError(f"steps={steps}: must be at least 1")
+    positions = prompt + steps - 1
     start = (np.arange(batch) * n) // batch  # [B]
-    rows = (start[None, :] + np.arange(steps)[:, None]) % n  # [S, B]
-    ex = trace.experts[rows]  # [S, B, L, K]
-    s_i, _, l_i, _ = np.nonzero(ex >= 0)
+    rows = (start[None, :] + np.arange(positions)[:, None]) % n  # [P, B]
+    step_of = np.maximum(np.arange(positions) - prompt + 1, 0)  # [P] the step each position belongs to
+    ex = trace.experts[rows]  # [P, B, L, K]
+    p_i, _, l_i, _ = np.nonzero(ex >= 0)
     hot = np.zeros((steps, L, E), dtype=bool)  # [S, L, E]
-    hot[s_i, l_i, ex[ex >= 0]] = True
+    hot[step_of[p_i], l_i, ex[ex >= 0]] = True
     _, _, e_i = np.nonzero(hot)  # C order: by step, then layer, then expert
     offsets = np.concatenate([[0], np.cumsum(hot.sum(axis=2).ravel())]).astype(np.int64)
-    return Schedule(rows=rows, flat=e_i.tolist(), offsets=offsets, num_layers=L)
+    return Schedule(rows=rows, flat=e_i.tolist(), offsets=offsets, num_layers=L, prompt=prompt)
+
+
+def access_stream(sched: Schedule | RouterTrace) -> list[Key]:
+    """Every ``(layer, expert)`` the cache is asked for when ``sched`` (or a trace's batch-1 schedule) is
+    replayed, in order (what Belady must know; a step's experts ascending, as the step acquires them)."""
+    if not isinstance(sched, Schedule):
+        sched = schedule(as_router_trace(sched))
+    L = sched.num_layers
+    return [(layer, e) for s in range(sched.steps) for layer in range(L) for e in sched.ids(s, layer)]
 
 
 class ScheduleOracle:
@@ -182,9 +210,11 @@ def _policy_factory(
 # ---- results -------------------------------------------------------------------------------------------
 @dataclass
 class ReplayResult:
-    """One replay's modelled speed and cache counters. Times are seconds per decode step (B tokens).
+    """One replay's cache counters and, under a cost model, its modelled speed. Times are seconds per decode
+    step (B tokens); with free copies (`replay_counts`) every time is 0 and ``gpu`` is ``"free copies"``.
 
-    total = compute + stall + cpu exactly; copy_busy is link time, which overlaps compute.
+    total = compute + stall + cpu exactly; copy_busy is link time, which overlaps compute. ``loads`` counts
+    host->device copies (demand misses, prefetches and admissions).
     """
 
     model: str
@@ -195,6 +225,7 @@ class ReplayResult:
     slots_total: int
     batch: int
     steps: int
+    tokens: int
     context: int
     overlap: bool
     cpu_fallback: bool
@@ -208,6 +239,7 @@ class ReplayResult:
     hits: int
     misses: int
     cpu_misses: int
+    loads: int
     bytes_h2d: int
     prefetches: int
     prefetch_hits: int
@@ -216,8 +248,12 @@ class ReplayResult:
     wall_s: float  # how long the replay took on this machine
     per_layer_hit_rate: list[float] = field(default_factory=list)
 
+    @property
+    def loads_per_token(self) -> float:
+        return self.loads / max(self.tokens, 1)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "loads_per_token": self.loads_per_token}
 
 
 def _count_tokens(experts: np.ndarray) -> dict[int, int]:
@@ -236,6 +272,7 @@ def replay(
     cache_slots: int | None = None,
     batch: int = 1,
     steps: int | None = None,
+    prompt: int = 1,
     context: int = 2048,
     dtype: torch.dtype = torch.bfloat16,
     expert_dtype: str | None = None,
@@ -243,6 +280,7 @@ def replay(
     cpu_fallback: bool = False,
     prefetch: PrefetchConfig | None = None,
     sched: Schedule | None = None,
+    sequences: bool = True,
     progress: bool = True,
     label: str | None = None,
 ) -> ReplayResult:
@@ -252,11 +290,12 @@ def replay(
     (``prefetch`` config; by default enabled when a predictor is given, within the cost model's link budget,
     `prophet.prefetch.Prefetcher.threshold`). ``cpu_fallback`` runs missed experts
     on the host CPU while the GPU runs the resident ones, and admits them into the cache with background
-    copies. ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch`` and ``steps``).
+    copies. ``sched`` reuses a precomputed `schedule` (it must match ``trace``, ``batch``, ``steps`` and
+    ``prompt``). ``sequences``: reset the predictor where a trace sequence starts (batch 1); else only before the
+    first step, as the runtime does for one generation over these rows.
     ``label`` names the progress bar (default: the policy), so it matches the caller's row name.
     ``expert_dtype`` stores the experts quantized (`CostModel`): copies and reads move that format's bytes.
     """
-    wall = time.perf_counter()
     trace = as_router_trace(trace)
     spec = get_spec(spec) if isinstance(spec, str) else spec
     profile = get_profile(profile)
@@ -266,119 +305,175 @@ def replay(
             f"trace has {L} layers x {E} experts but {spec.name} has {spec.num_moe_layers} x {spec.num_experts}; "
             "replay a trace of that model"
         )
-    sched = sched or schedule(trace, batch, steps)
+    sched = sched or schedule(trace, batch, steps, prompt)
+    cost = CostModel(spec, profile, dtype, context, expert_dtype)
+    return _drive(trace, sched, policy, predictor, SimCopyEngine(profile, cost.expert_bytes, overlap=overlap), cost,
+                  slots_per_layer=slots_per_layer, cache_slots=cache_slots, prefetch=prefetch,
+                  cpu_fallback=cpu_fallback, sequences=sequences, progress=progress, label=label,
+                  meta={"model": spec.name, "gpu": profile.name, "context": context, "overlap": overlap})
+
+
+def replay_counts(
+    trace: Any,
+    policy: str | Callable[[], EvictionPolicy] = "lru",
+    *,
+    predictor: Any = None,
+    slots_per_layer: int | None = None,
+    cache_slots: int | None = None,
+    batch: int = 1,
+    steps: int | None = None,
+    prompt: int = 1,
+    prefetch: PrefetchConfig | None = None,
+    expert_bytes: int | None = None,
+    name: str | None = None,
+    sequences: bool = True,
+    progress: bool = False,
+) -> ReplayResult:
+    """The same step with free copies and no clock: cache counters only (the predictor harness).
+
+    Predictions are prefetched only when ``prefetch`` is given and enabled. ``expert_bytes`` (one real expert's
+    size) turns loads into ``bytes_h2d``; without it ``bytes_h2d`` counts loads.
+    """
+    trace = as_router_trace(trace)
+    sched = schedule(trace, batch, steps, prompt)
+    engine = SimCopyEngine(None, expert_bytes or 1)
+    r = _drive(trace, sched, policy, predictor, engine, None, slots_per_layer=slots_per_layer,
+               cache_slots=cache_slots, prefetch=prefetch or PrefetchConfig(enabled=False), cpu_fallback=False,
+               sequences=sequences, progress=progress, label=name,
+               meta={"model": trace.name, "gpu": "free copies", "context": 0, "overlap": True})
+    if name is not None:
+        r.policy = name
+    return r
+
+
+def _drive(
+    trace: RouterTrace,
+    sched: Schedule,
+    policy: str | Callable[[], EvictionPolicy],
+    predictor: Any,
+    engine: SimCopyEngine,
+    cost: CostModel | None,
+    *,
+    slots_per_layer: int | None,
+    cache_slots: int | None,
+    prefetch: PrefetchConfig | None,
+    cpu_fallback: bool,
+    sequences: bool,
+    progress: bool,
+    meta: dict[str, Any],
+    label: str | None = None,
+) -> ReplayResult:
+    """Run every step of ``sched`` through `prophet.step.Step` over a fresh cache on ``engine``; ``cost``
+    (None: free) moves the clock by each layer's modelled compute."""
+    wall = time.perf_counter()
+    L, E = trace.num_layers, trace.num_experts
     B, S = sched.batch, sched.steps
     if isinstance(predictor, str):
         predictor = make_predictor(predictor, trace, sched)
-
-    def belady_uses() -> dict:
-        # every key the cache will touch, in the replay's order; a step's keys ascending as acquire sees them
-        keys = [(lay, e) for s in range(S) for lay in range(L) for e in sched.ids(s, lay)]
-        return access_positions(keys)
-
-    policy_name, factory = _policy_factory(policy, belady_uses, predictor)
+    policy_name, factory = _policy_factory(policy, lambda: access_positions(access_stream(sched)), predictor)
     if cpu_fallback and policy_name == "belady":
         raise ConfigError("belady needs every expert to pass through the cache; it cannot run with cpu_fallback")
-
-    cost = CostModel(spec, profile, dtype, context, expert_dtype)
-    engine = SimCopyEngine(profile, cost.expert_bytes, overlap=overlap)
     store = HostStore(L, E, _TINY, torch.float32, pin=False)
     cache = ExpertCache(
         store, torch.device("cpu"), engine, factory, cache_slots=cache_slots, slots_per_layer=slots_per_layer
     )
+    distinct = float(sched.distinct().mean())
     # By default prefetch within the link budget: only predictions whose hidden compute outweighs their risk.
-    config = prefetch or PrefetchConfig(enabled=predictor is not None,
-                                        **cost.link_budget(float(sched.distinct().mean()), B))
+    config = prefetch or PrefetchConfig(enabled=predictor is not None, **cost.link_budget(distinct, B))
     prefetcher = Prefetcher(cache, config)
-    prefetching = config.enabled and predictor is not None
-    layer_s = [cost.layer_seconds(n, B) for n in range(E + 1)]  # GPU time by distinct experts
+    step = Step(cache, prefetcher, predictor)
     seq_start = np.zeros(trace.num_tokens, dtype=bool)
     seq_start[trace.seq_offsets[:-1]] = True
-    resets = B == 1 and hasattr(predictor, "reset")  # a batch mixes sequences: no single point to reset at
-    compute = cpu_extra = 0.0
-    cpu_misses = admitted = 0
+    resets = sequences and B == 1  # a batch mixes sequences: no single point to reset at
+    totals = {"compute": 0.0, "cpu": 0.0, "cpu_misses": 0, "admitted": 0}
+    # GPU time of a layer step by (distinct experts, tokens), computed once per pair
+    layer_seconds = functools.lru_cache(maxsize=None)(cost.layer_seconds if cost is not None else lambda n, t: 0.0)
 
     for s in tqdm(range(S), desc=f"replay {label or policy_name}", disable=not progress, leave=False):
-        rows = sched.rows[s]  # [B]
-        if resets and seq_start[rows[0]]:
-            predictor.reset()
+        rows = sched.tokens(s)  # [T]
+        tokens = len(rows)
+        if seq_start[rows[0]] if resets else s == 0:
+            step.begin_sequence()
         for layer in range(L):
-            ids = list(sched.ids(s, layer))
-            prefetcher.advance(layer)
+            ids = sched.ids(s, layer)
             missed: list[int] = []
             if cpu_fallback:
                 missed = [e for e in ids if not cache.resident(layer, e)]
                 ids = [e for e in ids if cache.resident(layer, e)]
-            capacity = cache.capacity(layer)
-            gpu = layer_s[len(ids)]
+            gpu = layer_seconds(len(ids), tokens)
             cpu = 0.0
             if missed:
-                tokens = _count_tokens(trace.experts[rows, layer])
-                cpu = sum(cost.cpu_expert_seconds(tokens[e]) for e in missed)
-                cpu_misses += len(missed)
-            waves = [ids[i : i + capacity] for i in range(0, len(ids), capacity)] or [[]]
-            for j, wave in enumerate(waves):
-                slots = cache.acquire(layer, wave) if wave else []
-                last = j == len(waves) - 1
-                share = gpu * len(wave) / len(ids) if ids else gpu
-                run = max(share, cpu) if last else share  # the CPU's experts finish with the layer
+                counts = _count_tokens(trace.experts[rows, layer])
+                cpu = sum(cost.cpu_expert_seconds(counts[e]) for e in missed)
+                totals["cpu_misses"] += len(missed)
+            capacity = cache.capacity(layer)
+            last_wave = max(0, (len(ids) - 1) // capacity)
+
+            def compute(wave: Any, slots: list[int], index: int, ids=ids, gpu=gpu, cpu=cpu, last_wave=last_wave,
+                        layer=layer) -> None:
+                share = gpu * len(wave) / len(ids)
+                run = max(share, cpu) if index == last_wave else share  # the CPU's experts finish with the layer
                 begin = engine.now
                 # the kernels are queued; the clock moves to their end, while copies the host issues now
                 # (admissions, prefetches) start at ``begin`` on the link when copies overlap compute
                 engine.now = begin + run
                 engine.issue_at = begin
-                compute += share
-                cpu_extra += run - share
-                if slots:
-                    engine.computing(cache.pool(layer).data, slots, begin + run)
-                    cache.release(layer, slots)
-                if len(waves) > 1 and wave:
-                    cache.stats[layer].waves += 1
-                if last:
-                    for e in missed:  # admit the CPU's experts in the background, within the prefetch bound
-                        if cache.inflight() < config.max_inflight and cache.prefetch(layer, e):
-                            admitted += 1
-                    if predictor is not None:
-                        x = rows[0] if B == 1 else rows
-                        hidden = None if trace.hidden is None or B > 1 else trace.hidden[x, layer][None]
-                        predictor.observe(
-                            layer, trace.experts[x, layer].reshape(B, -1), trace.weights[x, layer].reshape(B, -1), hidden
-                        )
-                        if prefetching:
-                            prefetcher.submit(predictor.predict(), layer)
-                engine.issue_at = None
+                totals["compute"] += share
+                totals["cpu"] += run - share
+                engine.computing(cache.pool(layer).data, slots, begin + run)
+
+            def after(index: int, last: bool, missed=missed, layer=layer) -> None:
+                if not last:
+                    engine.issue_at = None
+                    return
+                for e in missed:  # admit the CPU's experts in the background, within the prefetch bound
+                    if cache.inflight() < config.max_inflight and cache.prefetch(layer, e):
+                        totals["admitted"] += 1
+
+            if not ids:  # nothing on the GPU: the layer's time is the CPU's (or nothing)
+                begin = engine.now
+                engine.now = begin + max(gpu, cpu)
+                engine.issue_at = begin
+                totals["compute"] += gpu
+                totals["cpu"] += max(gpu, cpu) - gpu
+            hidden = None if trace.hidden is None or B > 1 else trace.hidden[rows, layer]
+            step.run(layer, ids, compute, trace.experts[rows, layer], trace.weights[rows, layer], hidden, after=after)
+            engine.issue_at = None
 
     total = cache.total_stats()
     seconds = engine.now
-    tokens = S * B
-    misses = total.misses + cpu_misses
+    n_tokens = S * B
+    misses = total.misses + totals["cpu_misses"]
+    loads = engine.copies
     return ReplayResult(
-        model=spec.name,
-        gpu=profile.name,
+        model=meta["model"],
+        gpu=meta["gpu"],
         policy=policy_name,
         predictor=None if predictor is None else str(getattr(predictor, "name", type(predictor).__name__)),
         slots=f"{slots_per_layer} of {E} per layer" if slots_per_layer else f"{cache_slots} shared",
         slots_total=cache.num_slots,
         batch=B,
         steps=S,
-        context=context,
-        overlap=overlap,
+        tokens=n_tokens,
+        context=meta["context"],
+        overlap=meta["overlap"],
         cpu_fallback=cpu_fallback,
-        tokens_per_s=tokens / seconds if seconds > 0 else float("inf"),
+        tokens_per_s=n_tokens / seconds if seconds > 0 else float("inf"),
         step_s=seconds / S,
-        compute_s=compute / S,
+        compute_s=totals["compute"] / S,
         stall_s=engine.stall_seconds() / S,
-        cpu_s=cpu_extra / S,
+        cpu_s=totals["cpu"] / S,
         copy_busy_s=engine.busy / S,
         hit_rate=total.hits / (total.hits + misses) if total.hits + misses else 0.0,
         hits=total.hits,
         misses=misses,
-        cpu_misses=cpu_misses,
-        bytes_h2d=engine.copies * cost.expert_bytes,
-        prefetches=total.prefetches - admitted,
+        cpu_misses=totals["cpu_misses"],
+        loads=loads,
+        bytes_h2d=loads * engine.expert_bytes,
+        prefetches=total.prefetches - totals["admitted"],
         prefetch_hits=total.prefetch_hits,
         wasted_prefetches=total.wasted_prefetches,
-        distinct_per_layer=float(sched.distinct().mean()),
+        distinct_per_layer=distinct,
         wall_s=time.perf_counter() - wall,
         per_layer_hit_rate=[round(st.hit_rate, 4) for st in cache.stats],
     )

@@ -10,12 +10,15 @@ import torch
 
 import prophet
 from prophet import decode as dec
+from prophet.config import PrefetchConfig
 from prophet.errors import ConfigError, TraceError, UnsupportedModelError
 from prophet.models import get_spec
 from prophet.models.adapter import moe_layers
+from prophet.predict import PathMatchPredictor
 from prophet.predict.data import as_router_trace
 from prophet.routing import ForcedRouting
 from prophet.sim import replay, schedule
+from prophet.sim.replay import replay_counts
 from prophet.trace.synth import synthetic_trace
 from prophet.wrap import is_wrapped, reconfigure, runtime_of
 
@@ -97,24 +100,41 @@ def test_wrapped_and_unwrapped_models_decode_identically_under_forced_routing():
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_real_cache_counts_equal_the_simulators_for_the_same_rows(batch, policy):
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "prophet"])
+def test_real_cache_counts_equal_the_simulators_for_the_same_rows_prompt_included(batch, policy):
+    # the runtime and the simulator run one step function: a 6-token prompt is one deduplicated step in both,
+    # and the prophet policy's predictor (fresh on both sides, reset where the generation starts) prefetches alike
     r = routes(seed=4)
-    steps, slots = 24, 5
-    sched = schedule(r, batch, steps)
+    prompt, steps, slots = 6, 20, 5
+    sched = schedule(r, batch, 1 + steps, prompt=prompt)
     model = dec.random_model(SPEC, torch.float32, torch.device("cpu"), cache_slots=slots)
     routing = ForcedRouting(r.experts, sched.rows, "cpu")
-    dec.run_policies(model, [dec.PolicyRun(policy, policy)], routing, cache_slots=slots, batch=batch, prompt=1,
-                     steps=steps - 1, warmup=0)
+    prefetch = PrefetchConfig(max_inflight=4)  # fixed, not measured: the same gate on both sides
+
+    def run(kind):
+        if policy != "prophet":
+            return kind(policy, None)
+        predictor = PathMatchPredictor(SPEC.num_moe_layers, SPEC.num_experts, SPEC.top_k).fit([routes(seed=9)])
+        return kind(predictor.policy_factory(), predictor)
+
+    run(lambda pol, pred: dec.run_policies(model, [dec.PolicyRun(policy, pol, pred, prefetch)], routing,
+                                           cache_slots=slots, batch=batch, prompt=prompt, steps=steps, warmup=0))
     real = prophet.stats(model).total
-    sim = replay(r, SPEC, "h100-sxm", policy=policy, cache_slots=slots, batch=batch, sched=sched)
+    sim = run(lambda pol, pred: replay_counts(r, pol, predictor=pred, cache_slots=slots, batch=batch,
+                                              steps=1 + steps, prompt=prompt, prefetch=prefetch, sequences=False))
     assert (real.hits, real.misses) == (sim.hits, sim.misses)
+    assert (real.prefetches, real.prefetch_hits, real.wasted_prefetches) == (
+        sim.prefetches, sim.prefetch_hits, sim.wasted_prefetches)
     assert real.misses > 0 and real.hits > 0
+    assert (real.prefetches > 0) == (policy == "prophet")
+    if policy != "prophet":  # without prefetch the cost model's clock changes no decision
+        timed = replay(r, SPEC, "h100-sxm", policy=policy, cache_slots=slots, sched=sched, sequences=False)
+        assert (timed.hits, timed.misses) == (real.hits, real.misses)
 
 
 def test_decode_reports_the_timed_window_only():
     r = routes(seed=5)
-    sched = schedule(r, 1, 16 + 8 + 4)
+    sched = schedule(r, 1, 1 + 8 + 4, prompt=16)
     model = dec.random_model(SPEC, torch.float32, torch.device("cpu"), cache_slots=4)
     routing = ForcedRouting(r.experts, sched.rows, "cpu").attach(runtime_of(model).layers)
     out = dec.decode(model, routing, batch=1, prompt=16, steps=4, warmup=8)

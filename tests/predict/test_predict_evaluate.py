@@ -12,7 +12,8 @@ from predict_helpers import make_trace, random_trace
 from prophet.config import PrefetchConfig
 from prophet.policies import LRU, PredictionAware
 from prophet.predict import OraclePredictor, RoutingPredictor
-from prophet.predict.evaluate import access_stream, recall_report, replay
+from prophet.predict.evaluate import recall_report
+from prophet.sim.replay import access_stream, replay_counts
 
 
 class Ranked(RoutingPredictor):
@@ -77,7 +78,7 @@ def plain_lru(trace, slots: int) -> float:
 @given(seed=st.integers(0, 10_000), slots=st.integers(2, 6))
 def test_replay_through_the_real_cache_matches_a_plain_lru_simulation(seed, slots):
     tr = random_trace(np.random.default_rng(seed), 30, 3, 8, 2, seqs=2)
-    res = replay(tr, LRU, slots_per_layer=slots)
+    res = replay_counts(tr, LRU, slots_per_layer=slots)
     assert abs(res.hit_rate - plain_lru(tr, slots)) < 1e-12
     assert res.loads == res.misses and res.hits + res.misses == len(access_stream(tr))
 
@@ -86,8 +87,8 @@ def test_prefetching_the_oracle_turns_every_step_but_each_sequences_first_into_a
     tr = random_trace(np.random.default_rng(0), 40, 4, 8, 2, seqs=2)
     oracle = OraclePredictor(tr)
     oracle.horizon, oracle.top = 1, 2
-    res = replay(tr, lambda: PredictionAware(oracle.eviction_score), slots_per_layer=4, predictor=oracle,
+    res = replay_counts(tr, lambda: PredictionAware(oracle.eviction_score), slots_per_layer=4, predictor=oracle,
                  prefetch=PrefetchConfig(max_inflight=64))
     assert res.misses <= 2 * tr.num_sequences  # a sequence's first step has nothing before it to predict from
     assert res.wasted_prefetches == 0 and res.prefetch_hits == res.prefetches
-    assert res.bytes_moved == res.loads == res.misses + res.prefetches
+    assert res.bytes_h2d == res.loads == res.misses + res.prefetches

@@ -11,7 +11,7 @@ from predict_helpers import random_trace
 from prophet.errors import ConfigError
 from prophet.policies import FIFO, LFU, LRU, Belady, PredictionAware, access_positions
 from prophet.predict import OraclePredictor
-from prophet.predict.evaluate import access_stream, replay
+from prophet.sim.replay import access_stream, replay_counts
 
 
 def skewed_trace(seed: int):
@@ -32,9 +32,9 @@ def test_belady_is_never_beaten_by_lru_lfu_or_fifo(seed, slots, shared):
     tr = skewed_trace(seed)
     uses = access_positions(access_stream(tr))
     size = {"cache_slots": 3 * slots} if shared else {"slots_per_layer": slots}
-    best = replay(tr, lambda: Belady(uses), **size).hit_rate
+    best = replay_counts(tr, lambda: Belady(uses), **size).hit_rate
     for policy in (LRU, LFU, FIFO):
-        assert best >= replay(tr, policy, **size).hit_rate
+        assert best >= replay_counts(tr, policy, **size).hit_rate
 
 
 @settings(max_examples=25, deadline=None)
@@ -42,8 +42,8 @@ def test_belady_is_never_beaten_by_lru_lfu_or_fifo(seed, slots, shared):
 def test_prediction_aware_eviction_with_the_oracle_equals_or_beats_lru(seed, slots):
     tr = skewed_trace(seed)
     oracle = OraclePredictor(tr)
-    ours = replay(tr, oracle.policy_factory(), slots_per_layer=slots, predictor=oracle)
-    assert ours.hit_rate >= replay(tr, LRU, slots_per_layer=slots).hit_rate
+    ours = replay_counts(tr, oracle.policy_factory(), slots_per_layer=slots, predictor=oracle)
+    assert ours.hit_rate >= replay_counts(tr, LRU, slots_per_layer=slots).hit_rate
 
 
 def test_prediction_aware_evicts_the_lowest_scored_key_and_breaks_ties_by_recency():

@@ -8,7 +8,8 @@ import pytest
 from prophet.config import PrefetchConfig
 from prophet.policies import LFU, LRU, Belady, access_positions
 from prophet.predict import PathMatchPredictor, load
-from prophet.predict.evaluate import access_stream, recall_report, replay
+from prophet.predict.evaluate import recall_report
+from prophet.sim.replay import access_stream, replay_counts
 
 MIXTRAL = "mixtral-8x7b_humaneval_decode.npz"
 FLAME = "flame-moe-290m_prefill.npz"
@@ -33,7 +34,7 @@ def test_replay_reproduces_the_readme_reference_hit_rates(shared_traces, name, s
     uses = access_positions(access_stream(trace))
     factories = {"lru": LRU, "lfu": LFU, "belady": lambda: Belady(uses)}
     for policy, want in reference.items():
-        assert replay(trace, factories[policy], slots_per_layer=slots).hit_rate == pytest.approx(want, abs=0.01)
+        assert replay_counts(trace, factories[policy], slots_per_layer=slots).hit_rate == pytest.approx(want, abs=0.01)
 
 
 def split(shared_traces, name, fit, test):
@@ -65,6 +66,6 @@ def test_flame_next_layer_recall_out_of_sample(shared_traces):
 def test_prediction_aware_eviction_with_prefetch_beats_lru(shared_traces, name, fit, test, slots, floor):
     fit_tr, test_tr = split(shared_traces, name, fit, test)
     p = PathMatchPredictor(fit_tr.num_layers, fit_tr.num_experts, fit_tr.top_k).fit([fit_tr])
-    ours = replay(test_tr, p.policy_factory(), slots_per_layer=slots, predictor=p, prefetch=PrefetchConfig(max_inflight=64))
+    ours = replay_counts(test_tr, p.policy_factory(), slots_per_layer=slots, predictor=p, prefetch=PrefetchConfig(max_inflight=64))
     assert ours.hit_rate >= floor
-    assert ours.hit_rate > replay(test_tr, LRU, slots_per_layer=slots).hit_rate + 0.05
+    assert ours.hit_rate > replay_counts(test_tr, LRU, slots_per_layer=slots).hit_rate + 0.05

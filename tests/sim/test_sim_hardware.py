@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from prophet.errors import ConfigError
+from prophet.hardware import fit_copy_cost
 from prophet.sim import HardwareProfile, get_profile, list_profiles
-from prophet.sim.hardware import fit_copy_cost
 
 RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
 

@@ -14,9 +14,9 @@ from prophet.errors import ConfigError
 from prophet.models.registry import get_spec
 from prophet.policies import LRU
 from prophet.predict.data import RouterTrace, as_router_trace
-from prophet.predict.evaluate import replay as harness_replay
 from prophet.predict.statistical import FrequencyPredictor
 from prophet.sim import CostModel, bounds, get_profile, replay, schedule
+from prophet.sim.replay import replay_counts
 from prophet.trace import load
 
 MIXTRAL = get_spec("mixtral-8x7b")
@@ -106,7 +106,7 @@ def test_batch_one_with_free_copies_matches_the_predictor_harness(mixtral_trace,
         mixtral_trace, MIXTRAL, free, slots_per_layer=3, predictor=FrequencyPredictor(32, 8, 2), prefetch=config,
         progress=False,
     )
-    theirs = harness_replay(mixtral_trace, LRU, slots_per_layer=3, predictor=FrequencyPredictor(32, 8, 2), prefetch=config)
+    theirs = replay_counts(mixtral_trace, LRU, slots_per_layer=3, predictor=FrequencyPredictor(32, 8, 2), prefetch=config)
     assert (ours.hits, ours.misses, ours.prefetches, ours.wasted_prefetches) == (
         theirs.hits, theirs.misses, theirs.prefetches, theirs.wasted_prefetches,
     )

@@ -1,7 +1,8 @@
-"""Hardware profiles for replay: the numbers the cost model needs, kept as data and replaceable by measurements.
+"""Hardware profiles: the numbers the planner and the simulator's cost model need, kept as data and replaceable
+by measurements.
 
-Built-in profiles live in ``profiles.json`` beside this module (datasheet values for the GPU, practical pinned
-host->device numbers for the link; each profile says which is which in ``notes``). A calibration file written
+Built-in profiles live in ``hardware_profiles.json`` beside this module (datasheet values for the GPU, practical
+pinned host->device numbers for the link; each profile says which is which in ``notes``). A calibration file written
 on a real GPU overrides what it measured: `HardwareProfile.calibrated` reads either Prophet's calibration format
 (``{"profile": NAME, "h2d_gb_s": ..., ...}``, any subset of the fields) or the raw outputs of
 ``experiments/gpu/offload_check.py`` (pinned copy timings, fitted as fixed cost + bytes / bandwidth) and
@@ -65,7 +66,9 @@ class HardwareProfile:
 
         Accepted files: Prophet's calibration format, any subset of this class's fields plus ``profile``;
         an offload-check result (``copy.rows`` of pinned copy timings: least-squares fit of
-        ``ms = fixed + MB / bandwidth``); a grouped-GEMM benchmark result (``hbm_copy_GBps``).
+        ``ms = fixed + MB / bandwidth``); a grouped-GEMM benchmark result (``hbm_copy_GBps``); a host-experts
+        benchmark result (``read_gb_s``: the host's measured read bandwidth replaces ``host_gb_s``; it names no
+        GPU, so pass ``base=``).
         """
         data = json.loads(Path(path).read_text())
         if base is None:
@@ -81,8 +84,14 @@ class HardwareProfile:
         if "hbm_copy_GBps" in data:
             changes["hbm_gb_s"] = round(float(data["hbm_copy_GBps"]), 1)
             measured.append("hbm_gb_s (copy)")
+        if "read_gb_s" in data:  # experiments/host_experts_bench.py: the host's read bandwidth per thread count
+            reads = [r["median"] for per_threads in data["read_gb_s"].values() for r in per_threads.values()]
+            changes["host_gb_s"] = round(max(reads), 2)
+            measured.append("host_gb_s (read)")
         if not changes:
-            raise ConfigError(f"{path}: no calibration values found; expected profile fields, copy.rows or hbm_copy_GBps")
+            raise ConfigError(
+                f"{path}: no calibration values found; expected profile fields, copy.rows, hbm_copy_GBps or read_gb_s"
+            )
         what = ", ".join(measured) or ", ".join(sorted(changes))
         notes = f"{profile.notes}; calibrated from {Path(path).name}: {what}"
         return profile.replace(**changes, name=f"{profile.name}+cal", notes=notes)
@@ -114,7 +123,7 @@ def _profile_for_gpu(gpu: str, path: str | os.PathLike[str]) -> str:
 
 @cache
 def _profiles() -> dict[str, HardwareProfile]:
-    raw = json.loads(resources.files("prophet.sim").joinpath("profiles.json").read_text())
+    raw = json.loads(resources.files("prophet").joinpath("hardware_profiles.json").read_text())
     return {name: HardwareProfile(name=name, **v) for name, v in raw.items() if not name.startswith("_")}
 
 

@@ -1,0 +1,216 @@
+"""Missed experts computed on the host CPU, straight from the host store's slabs, while the GPU runs the rest.
+
+At batch 1 a missed expert sees about one token: reading its weights once from host DRAM (a few ms on a server
+socket) beats copying them over PCIe. `HostExperts.submit` queues one layer's host experts and returns a
+future at once; the work runs on CPU threads that release the GIL (ctypes kernel calls and torch ops), so the
+Python thread goes on launching the resident experts on the GPU. The future's result (`HostResult`) holds the
+host experts' weighted sum ``[T, H]`` fp32 on the CPU, which the caller copies to the device and adds to the
+layer's output, and each expert's time, which feeds the costs the next decisions weigh.
+
+Arithmetic per expert follows `prophet.models.adapter.expert_forward` with fp32 accumulation: ``h = w1 x + b1``
+in fp32, the activation in fp32, ``a`` rounded to the weight dtype (as the eager model rounds it before the
+down projection), ``y = w2 a + b2`` in fp32. Matrix products (`host_linear`):
+
+    bf16, up to ``GEMV_MAX_TOKENS`` tokens, kernel built: `prophet.host_gemv` AVX2 kernel, output rows split
+        over the threads (weights stream from DRAM once, at the read bandwidth)
+    bf16/fp16, more tokens: row tiles widened to fp32 and multiplied by torch (compute-bound there anyway)
+    fp32: torch's fp32 matmul, rows split over the threads
+    quantized stores (`prophet.formats`: int8/int4/fp8/mxfp4): each expert dequantized by the format's
+        reference (`HostStore.read_canonical`) to the compute dtype, then the dense path. Correct for every
+        format, but it reads and writes a dense copy: a format's own host kernel (reading its bytes in
+        `host_linear`'s place) is what would keep it at the memory's speed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prophet import envs, host_gemv
+from prophet.errors import ConfigError, DtypeError
+from prophet.formats import ExpertFormat
+from prophet.store import HostStore
+
+GEMV_MAX_TOKENS = 32  # the kernel re-widens weights per token pair; past this, widened tiles + torch matmul win (measured: the kernel is 1.5-3.6x faster up to 32 tokens)
+TILE_ELEMENTS = 1 << 18  # weights widened to fp32 per tile (1 MiB: stays in L2)
+ROW_ALIGN = 16  # thread row ranges start on multiples of this (whole cache lines of bf16 rows' starts)
+
+def default_threads() -> int:
+    """``PROPHET_HOST_THREADS``, else the usable CPUs minus one (the Python thread that drives the GPU)."""
+    given = envs.host_threads()
+    if given is not None:
+        return given
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable - 1)
+
+
+@dataclass(frozen=True)
+class HostJob:
+    """One expert's share of a layer step: which tokens it sees and with what router weight.
+
+    tokens  int64 [n]    rows of the layer's hidden states
+    weights fp32  [n]    router weight of this expert for each of those tokens
+    """
+
+    expert: int
+    tokens: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass(frozen=True)
+class HostResult:
+    """What a submitted layer returns.
+
+    out      fp32 [T, H]   weighted sum of the host experts' outputs (zero rows for tokens they do not see)
+    timings  (tokens, seconds) per expert, in job order: for `prophet.hybrid.RunningCosts.observe_host`
+    """
+
+    out: torch.Tensor
+    timings: list[tuple[int, float]]
+
+
+def jobs_for(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: Sequence[int]) -> list[HostJob]:
+    """`HostJob` per expert of ``experts`` from a layer's routing (``[T, k]`` ids and weights, any device)."""
+    idx, w = top_k_index.cpu(), top_k_weights.float().cpu()
+    jobs = []
+    for e in experts:
+        t, j = (idx == e).nonzero(as_tuple=True)
+        jobs.append(HostJob(int(e), t, w[t, j]))
+    return jobs
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges covering ``[0, n)``, boundaries on multiples of ROW_ALIGN."""
+    step = -(-n // parts)
+    step = -(-step // ROW_ALIGN) * ROW_ALIGN
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+class HostExperts:
+    """Computes experts on ``threads`` CPU threads from ``store`` (any layer, any expert).
+
+    A quantized store's experts are dequantized by their format's reference first. Call `close` (or use as a
+    context manager) to stop the threads.
+    """
+
+    def __init__(
+        self,
+        store: HostStore,
+        threads: int | None = None,
+        use_kernel: bool = True,
+    ) -> None:
+        self.threads = threads if threads is not None else default_threads()
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"threads={threads!r}: give a positive number of host threads (or None to detect)")
+        if not store.weights.runnable:
+            raise DtypeError(f"host store holds {store.weights.name} experts, a width for modelling only; store "
+                             "them as bf16, fp16, fp32, int8, int4, fp8 or mxfp4")
+        self.store = store
+        self.kernel = use_kernel and host_gemv.available()
+        self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="prophet-host")
+        self._driver = ThreadPoolExecutor(1, thread_name_prefix="prophet-host-driver")  # orders layer jobs
+        self._local = threading.local()  # per-thread fp32 tile for widened weights
+
+    def __enter__(self) -> HostExperts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._driver.shutdown(wait=True)
+        self._workers.shutdown(wait=True)
+
+    # ---- the API the step calls ----------------------------------------------------------------------
+    def submit(self, layer: int, hidden: torch.Tensor, jobs: Sequence[HostJob]) -> Future[HostResult]:
+        """Start ``jobs`` of MoE layer ``layer`` on ``hidden [T, H]`` (CPU); returns a future of the weighted
+        sum ``[T, H]`` fp32 (CPU) with per-expert timings. Jobs of successive submits run in order."""
+        if hidden.device.type != "cpu":
+            raise ConfigError(f"hidden is on {hidden.device}; copy the layer's tokens to the CPU before submit")
+        return self._driver.submit(self.run, layer, hidden, list(jobs))
+
+    def run(self, layer: int, hidden: torch.Tensor, jobs: Sequence[HostJob]) -> HostResult:
+        """`submit`'s work, on the calling thread (its matrix products still use the worker threads)."""
+        out = torch.zeros(hidden.shape, dtype=torch.float32)  # [T, H]
+        x = hidden.float()
+        timings = []
+        for job in jobs:
+            start = time.perf_counter()
+            y = self.expert(layer, job.expert, x[job.tokens])  # [n, H]
+            out.index_add_(0, job.tokens, y * job.weights[:, None])
+            timings.append((len(job.tokens), time.perf_counter() - start))
+        return HostResult(out, timings)
+
+    def expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on ``x [n, H]`` fp32 -> ``[n, H]`` fp32."""
+        t = self.store.read_canonical(layer, expert)
+        fmt: ExpertFormat = self.store.fmt
+        h = self.linear(t["w1"], x)  # [n, N1]
+        if fmt.has_bias:
+            h += t["b1"].float()
+        act = _activate(fmt, h).to(t["w2"].dtype).float()  # rounded like the eager model's down input
+        y = self.linear(t["w2"], act)  # [n, H]
+        if fmt.has_bias:
+            y += t["b2"].float()
+        return y
+
+    # ---- matrix products -----------------------------------------------------------------------------
+    def linear(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, K] fp32 @ w [N, K].T -> [B, N] fp32``, output rows split over the worker threads."""
+        x = x.contiguous()
+        y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+        if w.dtype == torch.bfloat16 and self.kernel and x.shape[0] <= GEMV_MAX_TOKENS and w.stride(1) == 1:
+            part: Callable[[int, int], None] = lambda a, b: host_gemv.gemv_rows(w, x, y, a, b)  # noqa: E731
+        elif w.dtype == torch.float32:
+            part = lambda a, b: torch.mm(x, w[a:b].T, out=y[:, a:b]) if x.shape[0] > 1 else y[:, a:b].copy_(  # noqa: E731
+                F.linear(x, w[a:b]))
+        else:
+            part = lambda a, b: self._widened(w, x, y, a, b)  # noqa: E731
+        ranges = _split(w.shape[0], self.threads)
+        futures = [self._workers.submit(part, a, b) for a, b in ranges[1:]]
+        part(*ranges[0])  # the calling thread takes the first range
+        for f in futures:
+            f.result()
+        return y
+
+    def _widened(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n0: int, n1: int) -> None:
+        """Rows ``[n0, n1)`` by fp32 tiles of ``w``: widen a tile (stays in cache), multiply, next."""
+        rows = max(1, TILE_ELEMENTS // w.shape[1])
+        tile = getattr(self._local, "tile", None)
+        if tile is None or tile.numel() < rows * w.shape[1]:
+            tile = self._local.tile = torch.empty(rows * w.shape[1], dtype=torch.float32)
+        for a in range(n0, n1, rows):
+            b = min(a + rows, n1)
+            t = tile[: (b - a) * w.shape[1]].view(b - a, w.shape[1])
+            if self.kernel and w.dtype == torch.bfloat16 and w.is_contiguous():
+                host_gemv.widen(w[a:b], t)  # torch's bf16->fp32 copy is 3-5x slower on AVX2 hosts
+            else:
+                t.copy_(w[a:b])
+            y[:, a:b] = x @ t.T
+
+
+def _activate(fmt: ExpertFormat, h: torch.Tensor) -> torch.Tensor:
+    """The expert's activation on ``h [n, N1]`` (gate rows first when gated), as `expert_forward` applies it."""
+    if not fmt.glu:
+        return _ELEMENTWISE[fmt.activation](h)
+    gate, up = h[:, : fmt.intermediate_size], h[:, fmt.intermediate_size :]
+    if fmt.activation == "gpt_oss":
+        gate = gate.clamp(max=fmt.swiglu_limit)
+        up = up.clamp(min=-fmt.swiglu_limit, max=fmt.swiglu_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * fmt.swiglu_alpha))
+    return _ELEMENTWISE[fmt.activation](gate) * up
+
+
+_ELEMENTWISE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}

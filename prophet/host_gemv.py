@@ -1,0 +1,101 @@
+"""The host's bf16 GEMV kernel (``host_gemv.c``), compiled on first use and called through ctypes.
+
+torch's own bf16 matrix-vector product reaches about 0.55 of the host's read bandwidth on CPUs without native
+bf16 instructions, and converting tiles to fp32 first is slower still; the small AVX2 kernel widens bf16 to fp32
+in registers and streams weights at the read bandwidth (`experiments/host_experts_bench.py`). ctypes releases
+the GIL during the call, so host threads run beside the Python thread that drives the GPU.
+
+`available()` is False (and callers use torch) where there is no C compiler, no AVX2/FMA, or compiling failed;
+the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from prophet import envs
+
+logger = logging.getLogger(__name__)
+
+_P, _L = ctypes.c_void_p, ctypes.c_long
+
+
+def _cpu_has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _compile(source: str, target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "host_gemv.c", Path(tmp) / target.name
+        src.write_text(source)
+        cmd = [compiler, "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", str(src), "-o", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        os.replace(out, target)  # atomic: concurrent processes never load a half-written library
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (logged once) when it cannot be built here."""
+    if not _cpu_has_avx2():
+        logger.info("host GEMV kernel off: the CPU lacks AVX2/FMA; host experts use torch")
+        return None
+    source = resources.files("prophet").joinpath("host_gemv.c").read_text()
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    target = envs.cache_dir() / f"host_gemv-{digest}.so"
+    try:
+        if not target.exists():
+            _compile(source, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("host GEMV kernel off (%s); host experts use torch's bf16 matmul, about 0.55 of the "
+                       "read bandwidth", exc)
+        return None
+    lib.prophet_gemv_bf16.argtypes = [_P, _L, _P, _L, _P, _L, _L, _L, _L, _L]
+    lib.prophet_gemv_bf16.restype = None
+    lib.prophet_widen_bf16.argtypes = [_P, _P, _L]
+    lib.prophet_widen_bf16.restype = None
+    lib.prophet_read_f32.argtypes = [_P, _L]
+    lib.prophet_read_f32.restype = ctypes.c_double
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def gemv_rows(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n0: int, n1: int) -> None:
+    """``y[:, n0:n1] = x @ w[n0:n1].T`` for bf16 ``w [N, K]`` (rows contiguous), fp32 ``x [B, K]``, fp32
+    ``y [B, N]`` (both with contiguous rows). Releases the GIL while it runs."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    lib.prophet_gemv_bf16(w.data_ptr(), w.stride(0), x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+                          x.shape[0], w.shape[1], n0, n1)
+
+
+def widen(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for contiguous bf16 ``src`` and fp32 ``dst`` of the same size (exact), in AVX2."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    lib.prophet_widen_bf16(src.data_ptr(), dst.data_ptr(), src.numel())
+
+
+def read_f32(t: torch.Tensor) -> float:
+    """Sum of a contiguous fp32 tensor by the kernel's streaming reader (a read-bandwidth probe)."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    return lib.prophet_read_f32(t.data_ptr(), t.numel())

@@ -1,0 +1,120 @@
+"""One step of one MoE layer, in the one order every driver shares (DESIGN.md, "One decode step").
+
+    dedup -> acquire (pins the step's experts) -> advance the prefetcher -> remap + compute -> release
+          -> observe -> predict -> submit
+
+The runtime (`prophet.runtime`) computes with real copies and CUDA events, the replay simulator
+(`prophet.sim.replay`) with its cost-model clock, and the free-copy replay (the predictor harness) with nothing
+at all: they differ only in the ``compute`` callback and the copy engine under the cache, so their hit and miss
+counts agree exactly. The step's experts are pinned before the prefetcher may evict anything, so a prefetch for
+a later layer never takes a slot this layer is about to read. A step that needs more distinct experts than its
+pool holds runs in waves (acquire, compute, release, repeat).
+
+Whatever is raised inside a step (an out-of-memory, a kernel error, KeyboardInterrupt) releases its pins,
+repairs the cache's maps and resets the predictor, so the next step works and computes the right answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from prophet.cache import ExpertCache
+from prophet.prefetch import Prefetcher
+
+# compute(wave, slots, index): issue the compute of ``wave`` (distinct expert ids) held in ``slots``; ``index``
+# counts the waves of this step (0 unless the step is larger than the pool).
+Compute = Callable[[Sequence[int], list[int], int], None]
+# after(index, last): called once a wave's slots are released (the simulator admits host-computed experts here).
+After = Callable[[int, bool], None]
+
+# Batches with at most this many (token, k) pairs are deduplicated with a Python set; larger ones with a mask.
+_SMALL_DEDUP = 256
+
+
+def unique_experts(ids: np.ndarray, num_experts: int) -> tuple[list[int], bool]:
+    """Sorted distinct expert ids of host ids ``[T, k]``, and whether any lies outside ``[0, num_experts)``.
+
+    Out-of-range ids are what some routers emit for "no expert" (transformers treats id ``E`` so); they are
+    left out and their pairs contribute nothing.
+    """
+    if ids.size <= _SMALL_DEDUP:
+        found = set(ids.ravel().tolist())
+        valid = sorted(e for e in found if 0 <= e < num_experts)
+        return valid, len(valid) != len(found)
+    flat = ids.ravel()
+    invalid = bool(flat.min() < 0 or flat.max() >= num_experts)
+    if invalid:
+        flat = flat[(flat >= 0) & (flat < num_experts)]
+    hot = np.zeros(num_experts, dtype=bool)
+    hot[flat] = True
+    return np.flatnonzero(hot).tolist(), invalid
+
+
+class Step:
+    """The cache, prefetcher and predictor that one driver steps through, layer by layer."""
+
+    def __init__(self, cache: ExpertCache, prefetcher: Prefetcher, predictor: Any = None) -> None:
+        self.cache = cache
+        self.prefetcher = prefetcher
+        self.predictor = predictor
+        self.prefetching = prefetcher.config.enabled and predictor is not None
+
+    def begin_sequence(self) -> None:
+        """A new sequence starts: the predictor forgets the old one's tokens (`reset`, where it has one) and
+        queued next-token prefetches, made for a token that will not come, are dropped."""
+        if self.predictor is not None and hasattr(self.predictor, "reset"):
+            self.predictor.reset()
+        self.prefetcher.clear()
+
+    def run(
+        self,
+        layer: int,
+        ids: Sequence[int],
+        compute: Compute,
+        rows: Any = None,
+        weights: Any = None,
+        hidden: Any = None,
+        *,
+        observe: bool = True,
+        after: After | None = None,
+    ) -> None:
+        """One step of ``layer`` over the distinct experts ``ids``; the predictor (when ``observe``) sees
+        ``rows [T,k]`` (host ids), ``weights [T,k]`` and ``hidden [T,H]``."""
+        cache = self.cache
+        capacity = cache.capacity(layer)
+        waves = max(1, -(-len(ids) // capacity))
+        try:
+            if not ids:
+                self.prefetcher.advance(layer)
+                if after is not None:
+                    after(0, True)
+            for index in range(waves):
+                wave = ids[index * capacity : (index + 1) * capacity]
+                if not wave:
+                    break
+                slots = cache.acquire(layer, wave)
+                if index == 0:
+                    self.prefetcher.advance(layer)  # after the pins: prefetches cannot evict this step's experts
+                compute(wave, slots, index)
+                cache.release(layer, slots)
+                if waves > 1:
+                    cache.stats[layer].waves += 1
+                if after is not None:
+                    after(index, index == waves - 1)
+            if observe and self.predictor is not None:
+                self.predictor.observe(layer, rows, weights, hidden)
+                if self.prefetching:
+                    self.prefetcher.submit(self.predictor.predict(), layer)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Undo what a failed step left behind: its pins, half-made loads, and a predictor that may have seen
+        half a step (it starts afresh)."""
+        self.cache.unpin_all()
+        if self.predictor is not None and hasattr(self.predictor, "reset"):
+            self.predictor.reset()

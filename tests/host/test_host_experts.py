@@ -1,0 +1,135 @@
+"""Host experts against the reference (`expert_forward` in float64) on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prophet import host_gemv
+from prophet.errors import ConfigError
+from prophet.formats import ExpertFormat, expert_forward, weight_format
+from prophet.host_experts import HostExperts, HostJob, jobs_for
+from prophet.store import HostStore
+
+FORMATS = [
+    ExpertFormat(64, 40),  # Mixtral-like: gated silu
+    ExpertFormat(37, 29, glu=False, activation="gelu"),  # odd sizes: kernel tails in both dims
+    ExpertFormat(48, 24, activation="gpt_oss", has_bias=True),
+]
+E, K = 6, 2
+
+
+def _store(fmt: ExpertFormat, dtype: torch.dtype, gen: torch.Generator, weights: str | None = None) -> HostStore:
+    store = HostStore(2, E, fmt, dtype, pin=False, weights=weight_format(weights) if weights else None)
+    for layer in range(2):
+        for e in range(E):
+            store.write(layer, e, {n: torch.randn(s, generator=gen) * 0.3 for n, s in fmt.shapes.items()})
+    return store
+
+
+def _routing(tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(tokens)])  # [T, K]
+    return idx, torch.rand(tokens, K, generator=gen).softmax(-1)
+
+
+def _reference(store: HostStore, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+               experts: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Weighted sum of ``experts`` by `expert_forward` with weights and inputs in ``dtype``."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for e in experts:
+        t = {n: v.to(dtype) for n, v in store.read_canonical(layer, e).items()}
+        tok, j = (idx == e).nonzero(as_tuple=True)
+        if len(tok):
+            y = expert_forward(store.fmt, t, x[tok].to(dtype)).double()
+            out.index_add_(0, tok, y * w[tok, j, None].double())
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.activation)
+@pytest.mark.parametrize("tokens", [1, 3, 64])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fp32_equals_reference(fmt: ExpertFormat, tokens: int, threads: int) -> None:
+    gen = torch.Generator().manual_seed(tokens * 7 + threads)
+    store = _store(fmt, torch.float32, gen)
+    x = torch.randn(tokens, fmt.hidden_size, generator=gen)
+    idx, w = _routing(tokens, gen)
+    experts = [0, 2, 5]
+    with HostExperts(store, threads=threads) as host:
+        result = host.submit(1, x, jobs_for(idx, w, experts)).result()
+    out = result.out
+    assert [n for n, _ in result.timings] == [int((idx == e).sum()) for e in experts]
+    ref = _reference(store, 1, x, idx, w, experts, torch.float64)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.activation)
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_bf16_error_no_worse_than_eager_bf16(fmt: ExpertFormat, tokens: int, kernel: bool) -> None:
+    """bf16 weights: the host path accumulates in fp32, so its error against the fp64 reference of the same
+    bf16 weights is at most that of computing the experts in bf16 as the unwrapped model does."""
+    if kernel and not host_gemv.available():
+        pytest.skip("host GEMV kernel not built here (no compiler or no AVX2)")
+    gen = torch.Generator().manual_seed(100 + tokens)
+    store = _store(fmt, torch.bfloat16, gen)
+    x = torch.randn(tokens, fmt.hidden_size, generator=gen).bfloat16().float()
+    idx, w = _routing(tokens, gen)
+    experts = [1, 3, 4]
+    with HostExperts(store, threads=2, use_kernel=kernel) as host:
+        out = host.submit(0, x, jobs_for(idx, w, experts)).result().out
+    ref = _reference(store, 0, x, idx, w, experts, torch.float64)
+    eager = _reference(store, 0, x, idx, w, experts, torch.bfloat16)
+    err, eager_err = (out.double() - ref).abs().max().item(), (eager - ref).abs().max().item()
+    assert err <= eager_err * 1.05 + 1e-6, f"host bf16 error {err:.3g} vs eager bf16 {eager_err:.3g}"
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8", "mxfp4"])
+def test_quantized_store_equals_its_dequantized_reference(weights: str) -> None:
+    """Every stored format: the host computes from the format's own dequantization (the reference)."""
+    fmt = ExpertFormat(64, 32)
+    gen = torch.Generator().manual_seed(len(weights))
+    store = _store(fmt, torch.float32, gen, weights)
+    x = torch.randn(3, 64, generator=gen)
+    idx, w = _routing(3, gen)
+    with HostExperts(store, threads=2) as host:
+        out = host.submit(1, x, jobs_for(idx, w, [0, 1, 4])).result().out
+    torch.testing.assert_close(out.double(), _reference(store, 1, x, idx, w, [0, 1, 4], torch.float64),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not host_gemv.available(), reason="host GEMV kernel not built here")
+@pytest.mark.parametrize("shape", [(4, 8), (5, 9), (33, 130), (100, 7)])
+def test_kernel_rows_equal_fp32_product(shape: tuple[int, int]) -> None:
+    n, k = shape
+    gen = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(3, k, generator=gen)
+    y = torch.full((3, n), float("nan"))
+    host_gemv.gemv_rows(w, x, y, 0, n)
+    torch.testing.assert_close(y, x @ w.float().T, atol=1e-5, rtol=1e-5)
+    y2 = torch.full((3, n), float("nan"))
+    host_gemv.gemv_rows(w, x, y2, 1, n - 1)  # a row range leaves the rest untouched
+    assert y2[:, 0].isnan().all() and y2[:, -1].isnan().all()
+    torch.testing.assert_close(y2[:, 1:-1], y[:, 1:-1])
+
+
+def test_submit_returns_at_once_and_orders_layers() -> None:
+    gen = torch.Generator().manual_seed(0)
+    store = _store(FORMATS[0], torch.float32, gen)
+    x = torch.randn(2, 64, generator=gen)
+    job = HostJob(1, torch.tensor([0, 1]), torch.tensor([1.0, 0.5]))
+    with HostExperts(store, threads=2) as host:
+        futures = [host.submit(layer, x, [job]) for layer in (0, 1)]
+        outs = [f.result().out for f in futures]
+        assert not torch.equal(outs[0], outs[1])
+        torch.testing.assert_close(outs[1], host.run(1, x, [job]).out)
+        assert host.submit(0, x, []).result().out.abs().sum() == 0
+
+
+def test_bad_input_raises() -> None:
+    store = HostStore(1, 2, FORMATS[0], torch.float32, pin=False)
+    with pytest.raises(ConfigError, match="threads"):
+        HostExperts(store, threads=0)
+    with HostExperts(store, threads=1) as host, pytest.raises(ConfigError, match="CPU"):
+        host.submit(0, torch.zeros(1, 64, device="meta"), [])
