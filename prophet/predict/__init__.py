@@ -8,7 +8,9 @@ Measuring them: `prophet.predict.evaluate` (recall per look-ahead distance; hit 
 from prophet.predict.base import Prediction, Predictor, RoutingPredictor
 from prophet.predict.data import RouterTrace, as_router_trace, load
 from prophet.predict.ensemble import EnsemblePredictor, OraclePredictor
+from prophet.predict.heads import HiddenStateHead
 from prophet.predict.learned import MLPPredictor
+from prophet.predict.lookahead import SketchRouter, sketch_routers
 from prophet.predict.pathmatch import PathMatchPredictor
 from prophet.predict.router import RouterLookahead
 from prophet.predict.statistical import (
@@ -23,6 +25,7 @@ __all__ = [
     "CoOccurrencePredictor",
     "EnsemblePredictor",
     "FrequencyPredictor",
+    "HiddenStateHead",
     "MLPPredictor",
     "OraclePredictor",
     "PathMatchPredictor",
@@ -32,6 +35,8 @@ __all__ = [
     "RouterTrace",
     "ReusePredictor",
     "RoutingPredictor",
+    "SketchRouter",
     "as_router_trace",
     "load",
+    "sketch_routers",
 ]

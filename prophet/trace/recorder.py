@@ -26,7 +26,6 @@ Beam search reorders rows between steps and is not supported.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,7 @@ from prophet.errors import TraceError
 from prophet.models import moe_layers
 from prophet.models.adapter import Adapter, MoELayer
 from prophet.trace.format import Phase, SketchInfo, TraceModel, TraceWriter
+from prophet.trace.sketch import sketch_projection
 
 log = logging.getLogger(__name__)
 
@@ -237,15 +237,10 @@ class Recorder:
         return hook
 
     def _projection(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[H, D] seeded Gaussian projection scaled by 1/sqrt(D), drawn once per device on the CPU with a
-        private generator (the global RNG, which sampling uses, is never touched)."""
+        """[H, D] `sketch_projection`, drawn once per device."""
         if hidden.device not in self._proj:
             assert self.sketch_info is not None
-            d = self.sketch_info.dim
-            gen = torch.Generator().manual_seed(self.sketch_info.seed)
-            self._proj[hidden.device] = (torch.randn(hidden.shape[-1], d, generator=gen) / math.sqrt(d)).to(
-                hidden.device
-            )
+            self._proj[hidden.device] = sketch_projection(hidden.shape[-1], self.sketch_info, hidden.device)
         return self._proj[hidden.device]
 
     def _end(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:

@@ -1,0 +1,180 @@
+"""A learned head per MoE layer: hidden-state sketch + this layer's experts -> the experts of the steps ahead.
+
+Why: routing history alone generalizes poorly across sequences, while the router input already carries most
+of what the next layers' routers will see. Per layer ``l`` a linear map (optionally low-rank) takes the
+standardized sketch of layer l's router input ``[D]`` and the multi-hot of layer l's experts ``[E]`` to logits
+of the experts at look-ahead distances ``1..max_distance`` (distances past the token's last layer land in the
+next token's first layers). Trained with masked binary cross-entropy on the aligned steps of traces that carry
+a sketch (torch, CPU, seconds); inference is one small numpy product per observed layer.
+
+Traces carry sketches, the runtime has the full router input: give ``projection`` (`prophet.trace.sketch`'s
+``sketch_projection`` for the trace's `SketchInfo`) to run a head fitted on sketches on live hidden states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prophet.errors import ConfigError
+from prophet.predict.base import RoutingPredictor, union
+from prophet.predict.data import RouterTrace
+
+
+class HiddenStateHead(RoutingPredictor):
+    """Per-layer head on the sketch and the current experts: linear, low-rank (``rank``) or one ReLU layer of
+    ``hidden_units`` (see the module docstring)."""
+
+    name = "head"
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        sketch_dim: int,
+        max_distance: int = 2,
+        rank: int | None = None,
+        hidden_units: int | None = None,
+        history: bool = True,
+        projection: torch.Tensor | None = None,
+        steps: int = 300,
+        lr: float = 1e-2,
+        weight_decay: float = 1e-4,
+        seed: int = 0,
+        **kw: Any,
+    ) -> None:
+        super().__init__(num_layers, num_experts, top_k, **kw)
+        if projection is not None and projection.shape[-1] != sketch_dim:
+            raise ConfigError(f"projection maps to {projection.shape[-1]} dims, the head reads {sketch_dim}: "
+                              "use the SketchInfo the training traces were recorded with")
+        self.sketch_dim = sketch_dim
+        self.max_distance = max_distance
+        if rank is not None and hidden_units is not None:
+            raise ConfigError("give the head a low rank or a hidden layer, not both")
+        self.rank = rank
+        self.hidden_units = hidden_units
+        self.history = history
+        self.projection = None if projection is None else projection.detach().float().cpu().numpy()  # [H, D]
+        self.steps, self.lr, self.weight_decay, self.seed = steps, lr, weight_decay, seed
+        L, E = num_layers, num_experts
+        self.num_features = sketch_dim + (E if history else 0)
+        self.mean = np.zeros((L, sketch_dim), np.float32)  # feature standardization, per layer
+        self.scale = np.ones((L, sketch_dim), np.float32)
+        # per MoE layer: the affine maps of the head, ReLU between them ([F, Dd*E] when linear or low-rank)
+        self.layers: list[list[tuple[np.ndarray, np.ndarray]]] = [
+            [(np.zeros((self.num_features, max_distance * E), np.float32), np.zeros(max_distance * E, np.float32))]
+            for _ in range(L)
+        ]
+        self.freq = np.full((L, E), top_k / E)  # [L, E] fitted frequency, for distances beyond max_distance
+        self.probs: np.ndarray | None = None  # [Dd, E] predictions from the last observed layer
+
+    # ---- fitting ---------------------------------------------------------------------------------------------
+    def fit(self, traces: Sequence[RouterTrace]) -> HiddenStateHead:
+        """Train every layer's head on the aligned steps of ``traces`` (each needs ``hidden`` = sketches)."""
+        L, E, Dd = self.num_layers, self.num_experts, self.max_distance
+        feats: list[list[np.ndarray]] = [[] for _ in range(L)]
+        targets: list[list[np.ndarray]] = [[] for _ in range(L)]
+        masks: list[list[np.ndarray]] = [[] for _ in range(L)]
+        counts = np.zeros((L, E))
+        for tr in traces:
+            if tr.hidden is None or tr.hidden.shape[-1] != self.sketch_dim:
+                raise ConfigError(f"{tr.name}: the head needs traces with a {self.sketch_dim}-dim sketch in hidden")
+            hot = tr.multi_hot()  # [N, L, E]
+            counts += hot.sum(0)
+            y = np.zeros((tr.num_tokens, L, Dd, E), np.float32)
+            m = np.zeros((tr.num_tokens, L, Dd), bool)
+            for d in range(1, Dd + 1):
+                src_row, src_layer, dst_row, dst_layer = tr.pairs(d)
+                y[src_row, src_layer, d - 1] = hot[dst_row, dst_layer]
+                m[src_row, src_layer, d - 1] = True
+            for layer in range(L):
+                rows = np.flatnonzero(m[:, layer].any(1))
+                feats[layer].append(self._raw_features(tr.hidden[rows, layer], hot[rows, layer]))
+                targets[layer].append(y[rows, layer])
+                masks[layer].append(m[rows, layer])
+        if counts.sum() > 0:
+            self.freq = counts / np.maximum(counts.sum(1, keepdims=True), 1) * self.top_k
+        for layer in range(L):
+            x = np.concatenate(feats[layer]) if feats[layer] else np.zeros((0, self.num_features), np.float32)
+            if not len(x):
+                continue
+            sk = x[:, : self.sketch_dim]
+            self.mean[layer] = sk.mean(0)
+            self.scale[layer] = sk.std(0) + 1e-6
+            x[:, : self.sketch_dim] = (sk - self.mean[layer]) / self.scale[layer]
+            y = np.concatenate(targets[layer]).reshape(len(x), -1)  # [n, Dd*E]
+            m = np.repeat(np.concatenate(masks[layer]), E, axis=1)  # [n, Dd*E]
+            self.layers[layer] = self._train(x, y, m)
+        return self
+
+    def _train(self, x: np.ndarray, y: np.ndarray, m: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Full-batch AdamW on masked BCE; returns the affine maps ``(W [in, out], b [out])`` in order (a
+        low-rank head collapsed to one ``[F, Dd*E]`` map)."""
+        torch.manual_seed(self.seed)
+        f, o = x.shape[1], y.shape[1]
+        if self.hidden_units is not None:
+            net = nn.Sequential(nn.Linear(f, self.hidden_units), nn.ReLU(), nn.Linear(self.hidden_units, o))
+        elif self.rank is not None:
+            net = nn.Sequential(nn.Linear(f, self.rank, bias=False), nn.Linear(self.rank, o))
+        else:
+            net = nn.Linear(f, o)
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        xt, yt, mt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m).float()
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                loss = (nn.functional.binary_cross_entropy_with_logits(net(xt), yt, reduction="none") * mt).sum() / mt.sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            if self.hidden_units is not None:
+                return [(lin.weight.T.numpy().copy(), lin.bias.numpy().copy()) for lin in (net[0], net[2])]
+            bias = net(torch.zeros(1, f))[0]
+            return [((net(torch.eye(f)) - bias).numpy(), bias.numpy())]  # the affine map, whatever its factors
+
+    def _raw_features(self, sketch: np.ndarray, hot: np.ndarray) -> np.ndarray:
+        """``[T, D]`` sketch and ``[T, E]`` multi-hot -> ``[T, F]`` unstandardized features."""
+        parts = [np.asarray(sketch, np.float32)] + ([np.asarray(hot, np.float32)] if self.history else [])
+        return np.concatenate(parts, axis=1)
+
+    # ---- online ----------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        super().reset()
+        self.probs = None
+
+    def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
+        if hidden is None:
+            raise ConfigError("the hidden-state head needs the router input: pass hidden [T, H] (or its sketch) to observe")
+        h = hidden.detach().float().cpu().numpy() if isinstance(hidden, torch.Tensor) else np.asarray(hidden, np.float32)
+        h = h.reshape(-1, h.shape[-1])
+        if self.projection is not None:
+            if h.shape[-1] != self.projection.shape[0]:
+                raise ConfigError(f"hidden of {h.shape[-1]} dims, the projection expects {self.projection.shape[0]}")
+            h = h @ self.projection
+        elif h.shape[-1] != self.sketch_dim:
+            raise ConfigError(f"hidden of {h.shape[-1]} dims, the head reads {self.sketch_dim}-dim sketches: give "
+                              "projection= to run on full router inputs")
+        hot = np.zeros((len(rows), self.num_experts), np.float32)
+        for i, row in enumerate(rows):
+            hot[i, row] = 1.0
+        x = self._raw_features((h - self.mean[layer]) / self.scale[layer], hot)  # [T, F]
+        for i, (w, b) in enumerate(self.layers[layer]):
+            x = x @ w + b  # [T, out]
+            if i + 1 < len(self.layers[layer]):
+                np.maximum(x, 0.0, out=x)
+        logits = x  # [T, Dd*E]
+        probs = 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without overflow
+        self.probs = np.stack([union(p) for p in probs.reshape(len(x), self.max_distance, -1).transpose(1, 0, 2)])
+
+    def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        out = self.freq[layers].copy()  # [D, E]
+        if self.probs is not None:
+            near = distances <= self.max_distance
+            out[near] = self.probs[distances[near] - 1]
+        return out
+
