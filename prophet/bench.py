@@ -28,6 +28,7 @@ from typing import Any, TextIO
 import torch
 
 from prophet.errors import ConfigError, TraceError, UnsupportedModelError
+from prophet.hybrid import allowed
 from prophet.models.registry import get_spec, list_specs
 from prophet.models.spec import ModelSpec
 from prophet.plan import DEFAULT_GPU, Plan, detect_gpu, dtype_name, plan
@@ -67,6 +68,7 @@ class BenchOptions:
     warmup: int = 16
     compare: bool = False
     progress: bool = True
+    on_miss: str = "copy"  # "auto" or "host": each policy's hybrid row beside its copy-only one
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.warmup < 0 or (self.steps is not None and self.steps < 1):
@@ -81,6 +83,7 @@ class BenchOptions:
         if self.fit is not None and self.in_sample:
             raise ConfigError("--fit and --in-sample contradict each other: give one")
         check_policies(self.all_policies, self.predictor)
+        allowed(self.on_miss)
 
     @property
     def all_policies(self) -> list[str]:
@@ -307,7 +310,7 @@ def simulate(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sa
     slots = _slots(opts, memory)
     common = {"cache_slots": slots, "batch": opts.batch, "context": memory.ctx, "expert_dtype": opts.expert_dtype}
     results = replay_policies(sample, spec, profile, opts.all_policies, opts.predictor, sched,
-                              progress=opts.progress, **common)
+                              progress=opts.progress, on_miss=_modes(opts), **common)
     limits = bounds(spec, profile, trace=sample.replay, sched=sched, progress=opts.progress, **common)
     if opts.compare:
         resident = limits["all_resident"]
@@ -398,6 +401,8 @@ def measure(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sam
         predictor = make_predictor(predictor_name, fit, sched)
         factory = predictor.policy_factory() if policy == "predicted" else policy
         runs.append(dec.PolicyRun(name, factory, predictor, budget))
+    runs = [dataclasses.replace(run, name=_label(run.name, mode), on_miss=mode) for mode in _modes(opts)
+            for run in runs]
     results = dec.run_policies(model, runs, routing, cache_slots=slots, batch=opts.batch, prompt=PROMPT_TOKENS,
                                steps=steps, warmup=warmup, kv=kv, resident=opts.compare, progress=opts.progress)
     out: dict[str, Any] = {"trace": info, "results": results,
@@ -410,9 +415,11 @@ def measure(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sam
         for r in results:
             if r["policy"] == "all-resident":
                 continue
-            policy, predictor_name = assign(r["policy"], opts.predictor, everywhere=False)
+            mode = r.get("on_miss", "copy")
+            name = r["policy"].removesuffix(_label("", mode))
+            policy, predictor_name = assign(name, opts.predictor, everywhere=False)
             whole, prefix = (  # one link budget for both, so the prefix is the start of the same replay
-                replay(routes, spec_run, profile, policy=policy, cache_slots=slots, batch=opts.batch,
+                replay(routes, spec_run, profile, policy=policy, cache_slots=slots, batch=opts.batch, on_miss=mode,
                        context=memory.ctx, sched=s, progress=False, prefetch=budget, sequences=False,
                        predictor=make_predictor(predictor_name, fit, sched) if predictor_name else None)
                 for s in (sched, head)
@@ -429,6 +436,16 @@ def measure(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sam
             if r.get("tokens_per_s") is not None:
                 r["of_bound"] = r["tokens_per_s"] / limit  # share of the oracle bound (all-resident without a trace)
     return out
+
+
+def _modes(opts: BenchOptions) -> tuple[str, ...]:
+    """The ``on_miss`` modes to run: copy-only, and the requested hybrid one beside it."""
+    return ("copy",) if opts.on_miss == "copy" else ("copy", opts.on_miss)
+
+
+def _label(name: str, mode: str) -> str:
+    """A result row's name: the policy, with the ``on_miss`` mode after it unless it is copy."""
+    return name if mode == "copy" else f"{name} ({mode})"
 
 
 def summary(record: dict[str, Any], file: TextIO) -> None:

@@ -253,7 +253,7 @@ def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting
         if routing is not None:
             routing.attach(layers)
         r = decode(model, routing, batch=batch, prompt=prompt, steps=steps, warmup=warmup, kv=kv, progress=progress)
-        results.append({"policy": run.name, "slots_total": cache_slots, **r})
+        results.append({"policy": run.name, "on_miss": run.on_miss, "slots_total": cache_slots, **r})
     if resident:
         results.append(_resident(model, layers, routing, batch=batch, prompt=prompt, steps=steps, warmup=warmup,
                                  kv=kv, progress=progress))

@@ -53,6 +53,8 @@ def register(sub: Any) -> None:
     p.add_argument("--warmup", type=non_negative, default=16, help="measured decode: untimed steps after the prefill")
     p.add_argument("--compare", action="store_true", help="add the baselines: on-demand LRU and all experts resident")
     add_out(p)
+    p.add_argument("--on-miss", choices=("copy", "auto", "host"), default="copy",
+                   help="where missed experts run; auto or host adds each policy's row beside its copy-only one")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(handler=main)
 
@@ -64,5 +66,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         expert_dtype=args.expert_dtype, trace=args.trace,
         fit=args.fit, in_sample=args.in_sample, repeat=args.repeat, policies=args.policy, predictor=args.predictor,
         steps=args.steps, warmup=args.warmup, compare=args.compare, progress=not args.no_progress,
+        on_miss=args.on_miss,
     )
     return bench.run(opts)

@@ -260,3 +260,13 @@ def test_other_runtime_errors_are_not_disguised_as_out_of_memory(monkeypatch):
     monkeypatch.setattr(bench, "run", lambda args: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["--model", "mixtral-tiny"])
+
+
+@pytest.mark.parametrize("mode", [FAST, MEASURE])
+def test_on_miss_adds_hybrid_rows_beside_copy_only(capsys, mode):
+    code, out, _ = run(capsys, "run", "--model", "mixtral-tiny", "--slots", "6", "--policy", "lru", "--on-miss", "host",
+                       *mode)
+    rows = json.loads(out.strip().splitlines()[-1])["results"]
+    assert code == 0 and [(r["policy"], r["on_miss"]) for r in rows] == [("lru", "copy"), ("lru (host)", "host")]
+    if mode is MEASURE:  # measured on the CPU, beside the simulator's estimate of the same rows
+        assert all("sim_tokens_per_s" in r for r in rows)
