@@ -5,7 +5,10 @@ of what the next layers' routers will see. Per layer ``l`` a linear map (optiona
 standardized sketch of layer l's router input ``[D]`` and the multi-hot of layer l's experts ``[E]`` to logits
 of the experts at look-ahead distances ``1..max_distance`` (distances past the token's last layer land in the
 next token's first layers). Trained with masked binary cross-entropy on the aligned steps of traces that carry
-a sketch (torch, CPU, seconds); inference is one small numpy product per observed layer.
+a sketch (torch, CPU, seconds). Inference must fit the per-layer step budget (issue 16: <= 10 us at batch 1),
+so the projection, the standardization and the sigmoid's half-scale are folded into the first and last maps
+once (`_compile`), and an observation at batch 1 is one product per map plus a memoized bias;
+`ReferenceHead` keeps the unfused path the fused one is tested against.
 
 Traces carry sketches, the runtime has the full router input: give ``projection`` (`prophet.trace.sketch`'s
 ``sketch_projection`` for the trace's `SketchInfo`) to run a head fitted on sketches on live hidden states.
@@ -66,12 +69,43 @@ class HiddenStateHead(RoutingPredictor):
         self.mean = np.zeros((L, sketch_dim), np.float32)  # feature standardization, per layer
         self.scale = np.ones((L, sketch_dim), np.float32)
         # per MoE layer: the affine maps of the head, ReLU between them ([F, Dd*E] when linear or low-rank)
-        self.layers: list[list[tuple[np.ndarray, np.ndarray]]] = [
+        self.layers = [
             [(np.zeros((self.num_features, max_distance * E), np.float32), np.zeros(max_distance * E, np.float32))]
             for _ in range(L)
         ]
         self.freq = np.full((L, E), top_k / E)  # [L, E] fitted frequency, for distances beyond max_distance
         self.probs: np.ndarray | None = None  # [Dd, E] predictions from the last observed layer
+        self._fused: list[tuple[np.ndarray, ...]] | None = None  # see `_compile`
+
+    # the parameters the fused maps derive from: replacing one (as tests and loaders do) recompiles them
+    @property
+    def mean(self) -> np.ndarray:
+        return self._mean
+
+    @mean.setter
+    def mean(self, value: np.ndarray) -> None:
+        self._mean, self._fused = value, None
+
+    @property
+    def scale(self) -> np.ndarray:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: np.ndarray) -> None:
+        self._scale, self._fused = value, None
+
+    @property
+    def layers(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        return self._layers
+
+    @layers.setter
+    def layers(self, value: list[list[tuple[np.ndarray, np.ndarray]]]) -> None:
+        self._layers, self._fused = value, None
+
+    @property
+    def _in_dim(self) -> int:
+        """Width of the hidden state `observe` takes: the router input with a projection, else the sketch."""
+        return self.sketch_dim if self.projection is None else self.projection.shape[0]
 
     # ---- fitting ---------------------------------------------------------------------------------------------
     def fit(self, traces: Sequence[RouterTrace]) -> HiddenStateHead:
@@ -110,6 +144,7 @@ class HiddenStateHead(RoutingPredictor):
             y = np.concatenate(targets[layer]).reshape(len(x), -1)  # [n, Dd*E]
             m = np.repeat(np.concatenate(masks[layer]), E, axis=1)  # [n, Dd*E]
             self.layers[layer] = self._train(x, y, m)
+        self._fused = None  # mean, scale and layers were updated in place
         return self
 
     def _train(self, x: np.ndarray, y: np.ndarray, m: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -147,18 +182,109 @@ class HiddenStateHead(RoutingPredictor):
         super().reset()
         self.probs = None
 
+    def _compile(self) -> list[tuple[np.ndarray, ...]]:
+        """Per layer ``(W_in [In, out0], W_hot [E, out0], b0 [out0])`` and, for a hidden layer, ``W_out [out0, Dd*E]``,
+        with everything affine folded in: on this CPU each small numpy call costs about as much as the product.
+
+        ``[(h - mean) / scale, hot] @ W + b`` with ``h = x @ P`` is ``x @ P (W_s / scale) + hot @ W_h + (b -
+        (mean / scale) @ W_s)``; the sigmoid as ``0.5 + 0.5 tanh(0.5 z)`` moves the inner half into the last
+        map (exact: a power of two); a hidden layer gains a unit fixed at 1 that carries the output bias as the
+        last row of ``W_out``. Folded in float64, stored float32 and contiguous.
+        """
+        D = self.sketch_dim
+        fused = []
+        for layer in range(self.num_layers):
+            maps = [(np.asarray(w, np.float64), np.asarray(b, np.float64)) for w, b in self.layers[layer]]
+            if len(maps) > 2:
+                raise ConfigError(f"layer {layer} of the head has {len(maps)} maps; it supports one hidden layer")
+            w0, b0 = maps[0]
+            inv = 1.0 / np.asarray(self.scale[layer], np.float64)  # [D]
+            w_in = w0[:D] * inv[:, None]  # [D, out0]
+            b0 = b0 - (np.asarray(self.mean[layer], np.float64) * inv) @ w0[:D]
+            if self.projection is not None:
+                w_in = self.projection.astype(np.float64) @ w_in  # [H, out0]
+            w_hot = w0[D:]  # [E, out0], or [0, out0] without history
+            if len(maps) == 1:
+                parts: tuple[np.ndarray, ...] = (0.5 * w_in, 0.5 * w_hot, 0.5 * b0)
+            else:
+                w1, b1 = maps[1]
+                parts = (np.pad(w_in, ((0, 0), (0, 1))), np.pad(w_hot, ((0, 0), (0, 1))), np.append(b0, 1.0),
+                         0.5 * np.vstack([w1, b1]))  # unit out0 is 1 after the ReLU: it carries b1
+            fused.append(tuple(np.ascontiguousarray(a, np.float32) for a in parts))
+        self._bias: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
+        return fused
+
+    def _first_bias(self, layer: int, row: list[int]) -> np.ndarray:
+        """``b0 + hot @ W_hot`` of one token, memoized per (layer, experts): a token's few experts take few values."""
+        key = (layer, tuple(row))
+        bias = self._bias.get(key)
+        if bias is None:
+            if len(self._bias) >= 1 << 16:
+                self._bias.clear()
+            _, w_hot, b0 = self._fused[layer][:3]
+            bias = self._bias[key] = b0 + w_hot[row].sum(0, dtype=np.float32) if self.history else b0
+        return bias
+
+    def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
+        if hidden is None:
+            raise ConfigError("the hidden-state head needs the router input: pass hidden [T, H] (or its sketch) to observe")
+        if isinstance(hidden, torch.Tensor):
+            h = hidden.detach()
+            h = (h if h.dtype == torch.float32 and h.device.type == "cpu" else h.float().cpu()).numpy()
+        else:
+            h = np.asarray(hidden, np.float32)
+        width = h.shape[-1]
+        if width != self._in_dim:
+            if self.projection is not None:
+                raise ConfigError(f"hidden of {width} dims, the projection expects {self.projection.shape[0]}")
+            raise ConfigError(f"hidden of {width} dims, the head reads {self.sketch_dim}-dim sketches: give "
+                              "projection= to run on full router inputs")
+        if self._fused is None:
+            self._fused = self._compile()
+        maps = self._fused[layer]
+        n = len(rows)
+        z = h.reshape(n, width) @ maps[0]  # [T, out0]
+        if n == 1:
+            z += self._first_bias(layer, rows[0])
+        else:
+            hot = np.zeros((n, self.num_experts), np.float32)
+            for i, row in enumerate(rows):
+                hot[i, row] = 1.0
+            z += hot[:, : len(maps[1])] @ maps[1] + maps[2]
+        if len(maps) == 4:
+            np.maximum(z, 0.0, out=z)
+            z = z @ maps[3]  # [T, Dd*E]
+        np.tanh(z, out=z)  # the sigmoid, without overflow: 0.5 + 0.5 tanh(logits / 2)
+        z *= 0.5
+        z += 0.5
+        probs = z.reshape(n, self.max_distance, self.num_experts)
+        self.probs = probs[0] if n == 1 else 1.0 - np.prod(1.0 - probs, axis=0)  # [Dd, E], `union` per distance
+
+    def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        if self.probs is None:
+            return self.freq[layers]  # [D, E] (a copy: fancy indexing)
+        if max(distances.tolist()) <= self.max_distance:  # what `predict` asks: only the head's own distances
+            return self.probs[distances - 1]
+        out = self.freq[layers]
+        near = distances <= self.max_distance
+        out[near] = self.probs[distances[near] - 1]
+        return out
+
+
+
+class ReferenceHead(HiddenStateHead):
+    """`HiddenStateHead` computed the plain way, map by map from the stored parameters: what the fused path is
+    tested against and its cost compared with (`experiments/predictors/head_cost.py`)."""
+
     def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
         if hidden is None:
             raise ConfigError("the hidden-state head needs the router input: pass hidden [T, H] (or its sketch) to observe")
         h = hidden.detach().float().cpu().numpy() if isinstance(hidden, torch.Tensor) else np.asarray(hidden, np.float32)
         h = h.reshape(-1, h.shape[-1])
+        if h.shape[-1] != self._in_dim:
+            raise ConfigError(f"hidden of {h.shape[-1]} dims, the head expects {self._in_dim}")
         if self.projection is not None:
-            if h.shape[-1] != self.projection.shape[0]:
-                raise ConfigError(f"hidden of {h.shape[-1]} dims, the projection expects {self.projection.shape[0]}")
-            h = h @ self.projection
-        elif h.shape[-1] != self.sketch_dim:
-            raise ConfigError(f"hidden of {h.shape[-1]} dims, the head reads {self.sketch_dim}-dim sketches: give "
-                              "projection= to run on full router inputs")
+            h = h @ self.projection  # [T, D]
         hot = np.zeros((len(rows), self.num_experts), np.float32)
         for i, row in enumerate(rows):
             hot[i, row] = 1.0
@@ -167,14 +293,5 @@ class HiddenStateHead(RoutingPredictor):
             x = x @ w + b  # [T, out]
             if i + 1 < len(self.layers[layer]):
                 np.maximum(x, 0.0, out=x)
-        logits = x  # [T, Dd*E]
-        probs = 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without overflow
+        probs = 0.5 * (1.0 + np.tanh(0.5 * x))  # the sigmoid, without overflow
         self.probs = np.stack([union(p) for p in probs.reshape(len(x), self.max_distance, -1).transpose(1, 0, 2)])
-
-    def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
-        out = self.freq[layers].copy()  # [D, E]
-        if self.probs is not None:
-            near = distances <= self.max_distance
-            out[near] = self.probs[distances[near] - 1]
-        return out
-

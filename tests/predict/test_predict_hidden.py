@@ -11,6 +11,7 @@ import prophet.trace
 from prophet.errors import ConfigError
 from prophet.models import moe_layers
 from prophet.predict import HiddenStateHead, RouterLookahead, RouterTrace, as_router_trace, sketch_routers
+from prophet.predict.heads import ReferenceHead
 from prophet.trace import SketchInfo
 from prophet.trace.sketch import sketch_projection
 
@@ -158,3 +159,41 @@ def test_head_refuses_traces_without_a_sketch_and_two_shapes_at_once():
     tr = separable(random_maps(3, 6), seed=3, tokens=50)
     with pytest.raises(ConfigError):
         HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=6).fit([as_router_trace(RouterTrace(**{**tr.__dict__, "hidden": None}))])
+
+
+def random_head(cls: type, projection: torch.Tensor | None, seed: int, **shape) -> HiddenStateHead:
+    """A head of class ``cls`` with random standardization and maps (seeded, so two classes get the same)."""
+    rng = np.random.default_rng(seed)
+    head = cls(LAYERS, EXPERTS, K, sketch_dim=6, max_distance=2, projection=projection, **shape)
+    units = shape.get("hidden_units")
+    sizes = [head.num_features, 2 * EXPERTS] if units is None else [head.num_features, units, 2 * EXPERTS]
+    head.mean = rng.normal(size=head.mean.shape).astype(np.float32)
+    head.scale = rng.uniform(0.5, 2.0, size=head.scale.shape).astype(np.float32)
+    head.layers = [[(rng.normal(size=(a, b)).astype(np.float32), rng.normal(size=b).astype(np.float32))
+                    for a, b in zip(sizes[:-1], sizes[1:], strict=True)] for _ in range(LAYERS)]
+    head.freq = rng.uniform(size=head.freq.shape)
+    return head
+
+
+@pytest.mark.parametrize("shape", [{}, {"hidden_units": 16}, {"hidden_units": 16, "history": False}],
+                         ids=["linear", "mlp", "mlp-no-history"])
+@pytest.mark.parametrize("live", [False, True], ids=["sketch", "projected"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_head_matches_the_reference_on_fresh_inputs(shape, live, batch):
+    proj = sketch_projection(H, SketchInfo(dim=6, seed=2)) if live else None
+    fused, ref = (random_head(cls, proj, seed=4, **shape) for cls in (HiddenStateHead, ReferenceHead))
+    rng = np.random.default_rng(5)
+    for step in range(12):
+        layer = step % LAYERS
+        ids = torch.from_numpy(np.stack([rng.choice(EXPERTS, K, replace=False) for _ in range(batch)]))
+        hidden = torch.from_numpy(rng.normal(size=(batch, H if live else 6)).astype(np.float32))
+        for head in (fused, ref):
+            head.observe(layer, ids, torch.full((batch, K), 0.5), hidden)
+        np.testing.assert_allclose(fused.scores([1, 2, 3, 9]), ref.scores([1, 2, 3, 9]), rtol=1e-5, atol=1e-6)
+        got, want = (sorted(head.predict(horizon=2)) for head in (fused, ref))
+        assert [p[:2] for p in got] == [p[:2] for p in want]
+        np.testing.assert_allclose([p.score for p in got], [p.score for p in want], rtol=1e-5, atol=1e-6)
+    fused.layers, ref.layers = (random_head(HiddenStateHead, proj, seed=6, **shape).layers for _ in range(2))
+    for head in (fused, ref):  # replacing a parameter refolds the fused maps
+        head.observe(0, ids, torch.full((batch, K), 0.5), hidden)
+    np.testing.assert_allclose(fused.scores([1, 2]), ref.scores([1, 2]), rtol=1e-5, atol=1e-6)
