@@ -5,7 +5,8 @@ get the same random parameters (the cost does not depend on training) in the sha
 uses (`hidden_state_predictors.py`: 4 layers, 8 experts, top-2, 32-dim sketch, 128 hidden units, 2 layers
 ahead), fed sketches and, through the recorder's projection, the full 128-dim router input. Each call is timed
 alone in CPU time (``time.thread_time``, so another process on the core does not count); the median, 10th and
-90th percentiles over calls of each of several rounds are reported, and the ratio of medians in the same run.
+90th percentiles over the calls of several alternated rounds are reported, and the ratio of medians in the same run;
+the cheapest predictor's cost through the same protocol is the floor every predictor pays.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prophet.predict import FrequencyPredictor
 from prophet.predict.heads import HiddenStateHead, ReferenceHead
 from prophet.provenance import git_sha
 from prophet.trace import SketchInfo
@@ -47,7 +49,7 @@ def _shapes(head: HiddenStateHead) -> list[tuple[np.ndarray, np.ndarray]]:
             (np.empty((head.hidden_units, out)), np.empty(out))]
 
 
-def per_call_us(head: HiddenStateHead, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+def per_call_us(head: HiddenStateHead | FrequencyPredictor, hidden: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
     """CPU microseconds of each observe + 2-layer predict, ``hidden [N, L, 1, W]``, ``experts [N, L, 1, K]``."""
     out = np.empty(hidden.shape[0] * L)
     head.reset()
@@ -85,7 +87,10 @@ def main() -> None:
                 for head in heads.values():
                     head.observe(layer, experts[t, layer], weights, hidden[t, layer])
                 worst = max(worst, float(np.abs(heads["fused"].scores([1, 2]) - heads["reference"].scores([1, 2])).max()))
-        rounds = {kind: [per_call_us(head, hidden, experts, weights) for _ in range(args.rounds)] for kind, head in heads.items()}
+        rounds: dict[str, list[np.ndarray]] = {kind: [] for kind in heads}
+        for _ in range(args.rounds):  # alternated, so a busy spell on the shared machine hits both
+            for kind, head in heads.items():
+                rounds[kind].append(per_call_us(head, hidden, experts, weights))
         row = {"max_abs_score_diff": worst}
         for kind, runs in rounds.items():
             row[kind] = {"median_us_per_round": [round(float(np.median(r)), 2) for r in runs],
@@ -98,6 +103,11 @@ def main() -> None:
         print(f"{name:>20}: fused {row['fused']['median_us']:6.2f} us (p10 {row['fused']['p10_us']}, p90 "
               f"{row['fused']['p90_us']}), reference {row['reference']['median_us']:6.2f} us, "
               f"{row['speedup_median']}x, max |diff| {worst:.1e}")
+    floor = np.concatenate([per_call_us(FrequencyPredictor(L, E, K), hidden, experts, weights) for _ in range(args.rounds)])
+    results["floor_frequency_predictor"] = {"median_us": round(float(np.median(floor)), 2),
+                                            "note": "the protocol's bookkeeping (observe, predict) with the cheapest "
+                                                    "predictor: what any predictor pays before its own math"}
+    print(f"floor (frequency predictor): {results['floor_frequency_predictor']['median_us']:6.2f} us")
     report = {"what": __doc__.splitlines()[0], "target_us_per_layer": TARGET_US,
               "shape": {"layers": L, "experts": E, "top_k": K, "sketch": SKETCH, "hidden": HIDDEN, "units": UNITS,
                         "ahead": AHEAD, "batch": 1},
