@@ -67,6 +67,14 @@ class SimCopyEngine(CopyEngine):
     def stall_seconds(self) -> float:
         return self._stall
 
+    def restart(self) -> None:
+        """Zero the clock and the link: what was copied so far happened before the replay (`Runtime.settle`'s
+        preload at wrap time), not during it."""
+        self.now = self.link_free = self.busy = self._stall = 0.0
+        self.issue_at = None
+        self.copies = 0
+        self._reading.clear()
+
     def _advance(self, t: float) -> None:
         """Block compute until ``t``: the gap is stall."""
         if t > self.now:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from prophet.cache import ExpertCache
+from prophet.cache import ExpertCache, LayerStats
 from prophet.config import PrefetchConfig
 from prophet.errors import ConfigError
 from prophet.hardware import HardwareProfile, get_profile
@@ -425,6 +425,12 @@ def _drive(
     cache = ExpertCache(
         store, torch.device("cpu"), engine, factory, cache_slots=cache_slots, slots_per_layer=slots_per_layer
     )
+    if on_miss != "copy" and cache.holds_everything():
+        # As `Runtime.settle`: a cache with a slot for every expert loads them all at wrap and never misses. With
+        # misses computed on the host it would otherwise never fill; copy-only fills it at each expert's first use.
+        cache.preload()
+        cache.stats = [LayerStats() for _ in cache.stats]  # the preload happened before the replay
+        engine.restart()
     distinct = float(sched.distinct().mean())
     # By default prefetch within the link budget: only predictions whose hidden compute outweighs their risk.
     config = prefetch or PrefetchConfig(enabled=predictor is not None, **cost.link_budget(distinct, B))

@@ -39,3 +39,23 @@ def test_replay_refuses_an_unknown_on_miss():
                                         tokens_per_sequence=8, seed=0, progress=False))
     with pytest.raises(prophet.errors.ConfigError, match="on_miss"):
         replay(r, SPEC, "h100-sxm", cache_slots=4, on_miss="never", progress=False)
+
+
+@pytest.mark.parametrize("on_miss", ["host", "auto"])
+def test_a_cache_that_holds_every_expert_never_misses_in_the_runtime_or_the_simulator(on_miss):
+    """Both load every expert before the first step when the slots hold them all (`Runtime.settle`); before, the
+    simulator started empty and, computing misses on the host, stayed nearly empty (hit 0.125 beside 1.0)."""
+    r = as_router_trace(synthetic_trace(SPEC.num_moe_layers, SPEC.num_experts, SPEC.top_k, num_sequences=2,
+                                        tokens_per_sequence=24, seed=5, progress=False))
+    prompt, steps, slots = 4, 8, SPEC.num_moe_layers * SPEC.num_experts
+    sched = schedule(r, 1, 1 + steps, prompt=prompt)
+    model = dec.random_model(SPEC, torch.float32, torch.device("cpu"), cache_slots=slots)
+    routing = ForcedRouting(r.experts, sched.rows, "cpu")
+    off = PrefetchConfig(enabled=False)
+    dec.run_policies(model, [dec.PolicyRun("lru", "lru", None, off, on_miss=on_miss)], routing, cache_slots=slots,
+                     batch=1, prompt=prompt, steps=steps, warmup=0)
+    real = prophet.stats(model).total
+    sim = replay(r, SPEC, "h100-sxm", cache_slots=slots, sched=sched, sequences=False, on_miss=on_miss, prefetch=off,
+                 progress=False)
+    assert (real.hits, real.misses, real.host_experts) == (sim.hits, sim.misses, sim.cpu_misses)
+    assert sim.misses == 0 and sim.hits > 0 and sim.stall_s == 0
