@@ -25,7 +25,7 @@ def files(folder: str) -> list[Path]:
     return sorted((ROOT / folder).glob("*.py"))
 
 
-@pytest.mark.parametrize("path", files("kernels"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", files("prophet/kernels"), ids=lambda p: p.name)
 def test_kernels_do_not_import_the_package_root(path):
     assert "prophet" not in imports(path)  # only leaf modules (prophet.envs, prophet.errors, formats)
 

@@ -83,3 +83,13 @@ def test_ci_lowest_versions_are_the_lower_bounds_of_the_pins():
         assert pinned[name].split(".")[: len(bound.split("."))] == bound.split("."), (
             f"{name}: pyproject's lower bound {bound} differs from .ci/lowest.txt's {pinned[name]}"
         )
+
+
+def test_the_checkout_shadows_no_installed_package():
+    # Run from a clone, the repository root is on sys.path: a top-level package there would hide the installed one
+    # of the same name. A top-level `kernels/` hid the hub's `kernels`, which transformers 5.25 imports at start-up.
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    packages = sorted(p.name for p in root.iterdir() if (p / "__init__.py").is_file())
+    assert packages == ["prophet"], f"move {packages} under prophet/: they shadow installed packages of that name"

@@ -28,8 +28,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# Not installed there: run from the checkout, with the kernels folder where the package expects it.
-python3 -c "import prophet.kernels" 2>/dev/null || ln -sfn "$PWD/kernels" prophet/kernels
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   DRY=0

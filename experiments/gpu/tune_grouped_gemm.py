@@ -6,7 +6,7 @@ For each model shape of bench_grouped_gemm.py and each token count, a coordinate
   2. gate_up tile (BLOCK_N, BLOCK_K, warps, stages) with the down tile fixed;
   3. down tile, then its split-K factor.
 A candidate that fails to launch (shared memory) or disagrees with the reference is skipped and logged.
-Writes ``kernels/configs/moe_H.._I.._bfloat16_<device>_triton-<version>.json`` (and a copy under --out / $OUT),
+Writes ``prophet/kernels/configs/moe_H.._I.._bfloat16_<device>_triton-<version>.json`` (and a copy under --out / $OUT),
 keyed by T*k so a call rounds its pair count up to the nearest tuned bucket.
 
     python experiments/gpu/tune_grouped_gemm.py [--models mixtral-8x7b] [--tokens 1 4 16] [--budget-s 200]

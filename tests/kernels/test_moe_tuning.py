@@ -95,7 +95,7 @@ def test_stale_format_version_says_to_retune(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_shipped_tables_parse() -> None:
-    # Every file shipped in kernels/configs/ is well formed.
+    # Every file shipped in prophet/kernels/configs/ is well formed.
     for path in CONFIG_DIR.glob("*.json"):
         data = json.loads(path.read_text())
         assert data["format_version"] == tuning.FORMAT_VERSION
