@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from prophet.predict.data import RouterTrace
 
 
+# Up to this many experts per layer `predict` ranks a row with a Python sort; more with numpy's argpartition.
+_SMALL_E = 32
+
+
 class Prediction(NamedTuple):
     """Expert ``expert`` of MoE layer ``layer`` is expected soon, with confidence ``score`` in [0, 1].
 
@@ -107,7 +111,8 @@ class RoutingPredictor:
         self.tokens = 0  # tokens begun in this sequence
         self.version = 0  # bumped by every observation, to memoize derived scores
         self._evict_memo: tuple[int, dict[int, np.ndarray]] = (-1, {})  # version -> {layer: [E] scores}
-        self._plans: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see `predict`
+        self._plans: dict[tuple[int, int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see `predict`
+        self._evicting = False  # eviction scores were asked for: `predict` scores the next occurrences too
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def fit(self, traces: Sequence[RouterTrace]) -> RoutingPredictor:
@@ -141,17 +146,32 @@ class RoutingPredictor:
         self._observe(layer, rows, weights, hidden)
 
     def predict(self, horizon: int | None = None, top: int | None = None) -> list[Prediction]:
-        """The ``top`` likeliest experts of each of the next ``horizon`` layer steps (at most L)."""
+        """The ``top`` likeliest experts of each of the next ``horizon`` layer steps (at most L).
+
+        Once eviction scores have been asked for, the same call also scores the next occurrence of each of
+        those layers (distance + L) and keeps both as their keep-priorities (`eviction_scores`), so a step's
+        predictions and its victims' scores come from one scoring pass instead of two."""
         h = min(horizon or self.horizon, self.num_layers)
         n = min(top or self.top, self.num_experts)
-        plan = self._plans.get((self.layer, h))
-        if plan is None:  # distances 1..h and where they land, computed once per (layer, horizon)
+        keep = self._evicting
+        plan = self._plans.get((self.layer, h, keep))
+        if plan is None:  # distances 1..h (and h+1..2h one token later) and where they land, once per layer
             d = np.arange(1, h + 1)
-            plan = self._plans[self.layer, h] = (d, *np.divmod(self.layer + d, self.num_layers))
-        s = self._scores(*plan)  # [h, E]
-        best = np.argpartition(s, self.num_experts - n, axis=1)[:, -n:].tolist()
-        vals = s.tolist()
+            if keep:
+                d = np.concatenate([d, d + self.num_layers])
+            plan = self._plans[self.layer, h, keep] = (d, *np.divmod(self.layer + d, self.num_layers))
+        vals = self._score_lists(*plan)  # [h][E], or [2h][E] with the next occurrences
+        if keep:
+            memo = self._memo()
+            for d in range(h):
+                memo[(self.layer + 1 + d) % self.num_layers, 2] = [a + b for a, b in zip(vals[d], vals[h + d],
+                                                                                          strict=True)]
         base = self.layer + 1
+        if self.num_experts <= _SMALL_E:  # a Python sort of a few floats costs less than argpartition + tolist
+            order = range(self.num_experts)
+            best = [sorted(order, key=vals[d].__getitem__, reverse=True)[:n] for d in range(h)]
+        else:
+            best = np.argpartition(np.array(vals[:h]), self.num_experts - n, axis=1)[:, -n:].tolist()
         return [Prediction(base + d, e, vals[d][e]) for d in range(h) for e in best[d] if vals[d][e] > 0.0]
 
     # ---- scores --------------------------------------------------------------------------------------------
@@ -167,11 +187,13 @@ class RoutingPredictor:
         a layer after acquiring it, so during a demand miss that is the step being acquired, which is why a
         second occurrence (one token later) is counted too.
         """
+        self._evicting = True
         return self._keep(layer, occurrences)[expert]
 
     def eviction_scores(self, keys: Sequence[tuple[int, int]]) -> list[float]:
         """`eviction_score` of many ``(layer, expert)`` keys at once: what choosing a victim among a pool's
         slots asks, without a call per slot."""
+        self._evicting = True
         rows = self._keep_rows(sorted({layer for layer, _ in keys}), 2)
         return [rows[layer][expert] for layer, expert in keys]
 
@@ -181,10 +203,7 @@ class RoutingPredictor:
     def _keep_rows(self, layers: list[int], occurrences: int) -> dict[int, list[float]]:
         """Keep-priorities ``[E]`` of each of ``layers``, memoized until the next observation; the layers not yet
         known are scored in one scores() call, however many slots ask."""
-        version, memo = self._evict_memo
-        if version != self.version:
-            memo = {}
-            self._evict_memo = (self.version, memo)
+        memo = self._memo()
         missing = [layer for layer in layers if (layer, occurrences) not in memo]
         if missing:
             first = (np.asarray(missing) - self.layer - 1) % self.num_layers + 1  # [M]
@@ -193,6 +212,14 @@ class RoutingPredictor:
             for layer, row in zip(missing, keep.tolist(), strict=True):
                 memo[layer, occurrences] = row
         return {layer: memo[layer, occurrences] for layer in layers}
+
+    def _memo(self) -> dict[tuple[int, int], list[float]]:
+        """``(layer, occurrences) -> [E]`` keep-priorities of the current version (emptied by each observation)."""
+        version, memo = self._evict_memo
+        if version != self.version:
+            memo = {}
+            self._evict_memo = (self.version, memo)
+        return memo
 
     def policy_factory(self, base: Callable[[], EvictionPolicy] | None = None) -> Callable[[], PredictionAware]:
         """Prediction-aware eviction reading this predictor, as the ``policy`` factory `ExpertCache` takes
@@ -207,6 +234,10 @@ class RoutingPredictor:
     def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
         """``rows``: each token's valid expert ids; ``weights`` and ``hidden`` exactly as the caller gave them."""
         raise NotImplementedError
+
+    def _score_lists(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> list[list[float]]:
+        """`_scores` as nested lists, what `predict` reads (a predictor may produce them without an array)."""
+        return self._scores(distances, shifts, layers).tolist()
 
     def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
         """``[D, E]`` for ``distances [D]``, which land ``shifts [D]`` tokens ahead at ``layers [D]``."""

@@ -19,8 +19,9 @@ from prophet.predict.base import RoutingPredictor, union
 from prophet.predict.data import RouterTrace
 
 
-class PathMatchPredictor(RoutingPredictor):
-    """k-nearest-neighbour prediction over routing paths.
+class PathMatchReference(RoutingPredictor):
+    """k-nearest-neighbour prediction over routing paths, the plain version (`PathMatchPredictor` is the same
+    with faster batch-1 paths; tests hold the two to the same predictions).
 
     Similarity of a stored token ``u`` to the current one is ``sum_l decay^(m-l) * |experts_u(l) & experts(l)|``
     over the layers ``l <= m`` seen so far, plus ``carry`` times the previous token's similarity to ``u``'s
@@ -108,7 +109,7 @@ class PathMatchPredictor(RoutingPredictor):
         self.prior_votes = self.prior * self.freq
         self.size = a + n
 
-    def fit(self, traces: Sequence[RouterTrace]) -> PathMatchPredictor:
+    def fit(self, traces: Sequence[RouterTrace]) -> PathMatchReference:
         for tr in traces:
             starts = np.zeros(tr.num_tokens, bool)
             starts[tr.seq_offsets[:-1][np.diff(tr.seq_offsets) > 0]] = True
@@ -214,3 +215,94 @@ class PathMatchPredictor(RoutingPredictor):
                 votes = np.einsum("etn,tn->te", self.mem[j][:, chain[s]], w)
             out[:, i] = (votes[:, :-1] + self.prior_votes[j]) / (votes[:, -1:] + self.prior)
         return union(out)
+
+
+class PathMatchPredictor(PathMatchReference):
+    """`PathMatchReference` with batch-1 decode paths cut to a few numpy calls per layer (the step's budget is
+    tens of microseconds, and at batch 1 per-call overhead, not arithmetic, is what costs).
+
+    Same similarities bit for bit (the same float32 operations in the same order), so the same neighbours; the
+    votes of all look-ahead distances come from one gather and one product, and the finished token's path is
+    kept as lists until it is stored. Batches larger than one take the reference paths.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, **kw: Any) -> None:
+        super().__init__(num_layers, num_experts, top_k, **kw)
+        self._path: list[list[int] | None] = [None] * num_layers  # this token's experts per layer (batch 1)
+        self._near: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, rows [n], weights [n])
+        self._lookup: tuple[Any, ...] | None = None  # per plan: (layers, prior votes, shifts, max shift, ...)
+
+    def fit(self, traces: Sequence[RouterTrace]) -> PathMatchPredictor:
+        super().fit(traces)
+        return self
+
+    def _store_token(self) -> None:
+        for layer, row in enumerate(self._path):
+            if row is not None:
+                self._row[layer, row] = 1.0
+                self._seen[layer] = True
+        self._path = [None] * self.num_layers
+        super()._store_token()
+
+    def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
+        m = self.size
+        if len(rows) != 1 or self.sim.shape != (1, m):
+            super()._observe(layer, rows, weights, hidden)
+            return
+        row = rows[0]
+        col = self.mem[layer]  # [E+1, capacity]
+        sim = self.sim
+        sim *= self.decay
+        if len(row) == 2:  # Mixtral's top-2; 0/1 sums are exact, so the order of the adds is the reference's
+            sim += col[row[0], :m] + col[row[1], :m]
+        elif len(row) == 1:
+            sim += col[row[0], :m]
+        elif row:
+            sim += col[row, :m].sum(axis=0)
+        if self.online:
+            self._path[layer] = row
+
+    def _neighbours1(self) -> tuple[np.ndarray, np.ndarray]:
+        """Batch 1: `neighbours_of` without the batch dimension: rows ``[n]`` and weights ``[n]``."""
+        near = self._near
+        if near is not None and near[0] == self.version:
+            return near[1], near[2]
+        sim = self.sim[0]
+        m = len(sim)
+        n = min(self.neighbours, m)
+        top = np.arange(m) if n == m else sim.argpartition(m - n)[m - n :]
+        near = sim.take(top)
+        w = near * near if self.power == 2.0 else near**self.power  # x * x is what numpy's x ** 2 computes
+        self._near = (self.version, top, w)
+        return top, w
+
+    def _forget(self, count: int) -> None:
+        super()._forget(count)
+        self._near = None
+
+    def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        if self.sim.shape[0] != 1 or not self.sim.shape[1]:
+            return super()._scores(distances, shifts, layers)
+        return np.array(self._score_lists(distances, shifts, layers))
+
+    def _score_lists(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> list[list[float]]:
+        if self.sim.shape[0] != 1 or not self.sim.shape[1]:
+            return super()._score_lists(distances, shifts, layers)
+        top, w = self._neighbours1()
+        look = self._lookup
+        if look is None or look[0] is not layers or look[1] is not self.prior_votes:  # once per plan and token
+            sh = shifts.tolist()
+            look = self._lookup = (layers, self.prior_votes, list(zip(sh, layers.tolist(), strict=True)), max(sh),
+                                   self.prior_votes[layers].tolist())
+        _, _, steps, last, prior_votes = look
+        chain = [top]  # chain[s]: the rows s tokens after the neighbours (-1, the null row, past the end)
+        while len(chain) <= last:
+            chain.append(self.succ[chain[-1]])
+        out = []
+        for (s, j), prior in zip(steps, prior_votes, strict=True):
+            # [E+1] float32 votes per expert, then their total weight; the gathered block is laid out as the
+            # reference's fancy index lays it out ([n, E+1] rows, transposed), so the product sums alike
+            votes = self.mem[j].T.take(chain[s], axis=0).T @ w
+            total = float(votes[-1] + self.prior)  # in float32, as the reference's array arithmetic
+            out.append([(v + p) / total for v, p in zip(votes.tolist(), prior)])  # zip drops the total
+        return out

@@ -1,0 +1,89 @@
+"""Batch-1 fast paths give the reference's predictions and eviction scores on fresh random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from predict_helpers import random_trace
+
+from prophet.predict import FrequencyPredictor, PathMatchPredictor
+from prophet.predict.base import Prediction, RoutingPredictor
+from prophet.predict.pathmatch import PathMatchReference
+
+
+def same_predictions(got: list[Prediction], want: list[Prediction]) -> None:
+    """Equal scores per layer; equal experts except among ties at the cut (either choice is right)."""
+    for layer in {p.layer for p in want} | {p.layer for p in got}:
+        g = sorted((p for p in got if p.layer == layer), key=lambda p: -p.score)
+        w = sorted((p for p in want if p.layer == layer), key=lambda p: -p.score)
+        np.testing.assert_allclose([p.score for p in g], [p.score for p in w], rtol=1e-12)
+        cut = w[-1].score if w else 0.0
+        assert {p.expert for p in g if p.score > cut} == {p.expert for p in w if p.score > cut}
+
+
+def reference_predict(p: RoutingPredictor, horizon: int, top: int) -> list[Prediction]:
+    """The plain ranking: every distance scored alone, ``argsort`` of each row."""
+    out = []
+    for d in range(1, horizon + 1):
+        row = p.scores([d])[0]
+        out += [Prediction(p.layer + d, int(e), float(row[e])) for e in np.argsort(-row)[:top] if row[e] > 0.0]
+    return out
+
+
+def drive(fast: RoutingPredictor, ref: RoutingPredictor, rng: np.random.Generator, tokens: int, layers: int,
+          experts: int, k: int, evict: bool) -> None:
+    """Feed both the same random batch-1 steps (some ids -1, some sequences reset); compare after each."""
+    for t in range(tokens):
+        if rng.random() < 0.1:
+            fast.reset()
+            ref.reset()
+        for layer in range(layers):
+            ids = rng.permutation(experts)[:k]
+            if rng.random() < 0.1:
+                ids[rng.integers(k)] = -1  # an unrecorded or dropped slot
+            for p in (fast, ref):
+                p.observe(layer, ids[None], np.ones((1, k), np.float32))
+            if evict:  # a prediction-aware pool asking before predict (a demand miss) and after
+                keys = [(int(rng.integers(layers)), int(e)) for e in rng.integers(0, experts, 3)]
+                np.testing.assert_allclose(fast.eviction_scores(keys), ref.eviction_scores(keys), rtol=1e-12)
+            h = int(rng.integers(1, 3))
+            same_predictions(fast.predict(horizon=h), ref.predict(horizon=h))
+            same_predictions(fast.predict(horizon=h), reference_predict(ref, h, ref.top))
+            if evict:
+                nxt = [((layer + 1) % layers, e) for e in range(experts)]
+                np.testing.assert_allclose(fast.eviction_scores(nxt), ref.eviction_scores(nxt), rtol=1e-12)
+            dist = rng.integers(1, 2 * layers + 2, 4)
+            np.testing.assert_allclose(fast.scores(dist), ref.scores(dist), rtol=1e-12)
+
+
+@pytest.mark.parametrize("evict", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pathmatch_matches_its_reference(seed, evict):
+    rng = np.random.default_rng(seed)
+    L, E, K = 4, 8, 2
+    fit = random_trace(rng, 60, L, E, K, seqs=3)
+    kw = {"max_online": 16, "neighbours": 5}  # a small window: the memory slides during the test
+    fast = PathMatchPredictor(L, E, K, **kw).fit([fit])
+    ref = PathMatchReference(L, E, K, **kw).fit([fit])
+    drive(fast, ref, rng, 60, L, E, K, evict)
+    np.testing.assert_array_equal(fast.mem, ref.mem)  # the online memory grew alike
+    np.testing.assert_array_equal(fast.sim, ref.sim)
+
+
+def test_pathmatch_unfitted_and_top3_match_the_reference():
+    rng = np.random.default_rng(5)
+    fast, ref = PathMatchPredictor(3, 6, 3), PathMatchReference(3, 6, 3)
+    drive(fast, ref, rng, 30, 3, 6, 3, evict=True)
+
+
+def test_wide_layers_rank_with_argpartition_alike():
+    # more experts than the Python sort handles: the numpy branch of `predict`
+    rng = np.random.default_rng(6)
+    fit = random_trace(rng, 40, 2, 64, 4)
+    a, b = FrequencyPredictor(2, 64, 4).fit([fit]), FrequencyPredictor(2, 64, 4).fit([fit])
+    for _ in range(20):
+        for layer in range(2):
+            ids = rng.permutation(64)[:4][None]
+            a.observe(layer, ids, None)
+            b.observe(layer, ids, None)
+            same_predictions(a.predict(horizon=2), reference_predict(b, 2, b.top))
