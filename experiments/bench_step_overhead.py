@@ -1,9 +1,10 @@
 """Host overhead of Prophet's decode step per MoE layer, through the public API: wrapped minus unwrapped time.
 
-Models have tiny widths (hidden 16) so expert math is negligible and what remains is the runtime's bookkeeping
-(dedup, acquire, remap, release, predictor, prefetch) against transformers' own experts loop. Routing is forced
-from a synthetic trace of the model's shape (`prophet.trace.synth`, Mixtral's fitted parameters for 32 x 8
-top-2), so the cache sees realistic hits and misses. Both models decode the same rows with a KV cache; each round
+Models have tiny widths (hidden 16) so expert math is small and what remains is the runtime's bookkeeping
+(dedup, acquire, remap, release, predictor, prefetch) against transformers' own experts loop. Routing is forced:
+the Mixtral cases replay sequence 1 of the shared real Mixtral trace (`PROPHET_SHARED_TRACES`) and the prophet
+case's path matcher is fitted on its sequence 0 (out of sample; without the shared traces, a synthetic trace of
+the same shape and lengths, `prophet.trace.synth`); the 64-expert case replays a synthetic trace. Both models decode the same rows with a KV cache; each round
 times ``--steps`` steps of each (interleaved by round) and takes the medians; overhead = (wrapped - unwrapped) /
 MoE layers. Steps are timed in this thread's CPU time (one torch thread), so time spent descheduled on a shared
 machine does not count; the result is the median over ``--rounds`` rounds, with the spread.
@@ -32,9 +33,10 @@ from transformers import DynamicCache, MixtralConfig, MixtralForCausalLM
 
 import prophet
 from prophet.config import PrefetchConfig
+from prophet.envs import shared_traces_dir
 from prophet.models.adapter import moe_layers
 from prophet.predict import PathMatchPredictor
-from prophet.predict.data import as_router_trace
+from prophet.predict.data import RouterTrace, as_router_trace, load
 from prophet.provenance import git_sha
 from prophet.routing import ForcedRouting
 from prophet.sim.replay import schedule
@@ -90,17 +92,29 @@ def decoder(model: torch.nn.Module, routing: ForcedRouting, batch: int, steps: i
     return run
 
 
+def traces(case: Case, steps: int) -> tuple[RouterTrace, RouterTrace, str]:
+    """(replayed, fitted, where from): the real Mixtral trace's sequences 1 and 0 for Mixtral's shape when the
+    shared traces are there, else synthetic traces of the case's shape."""
+    real = shared_traces_dir() / "mixtral-8x7b_humaneval_decode.npz"
+    if (case.layers, case.experts, case.top_k) == (32, 8, 2) and real.exists():
+        trace = load(real)
+        return trace.sequences([1]), trace.sequences([0]), f"{real.name}: replay sequence 1, fit sequence 0"
+    tokens = max(512, steps * case.batch + 8)
+    test = as_router_trace(synthetic_trace(case.layers, case.experts, case.top_k, num_sequences=1,
+                                           tokens_per_sequence=tokens, progress=False))
+    fit = as_router_trace(synthetic_trace(case.layers, case.experts, case.top_k, num_sequences=1,
+                                          tokens_per_sequence=83, sample_seed=1, progress=False))
+    return test, fit, "synthetic (prophet.trace.synth): replay seed 0, fit sample seed 1"
+
+
 def measure(case: Case, rounds: int, steps: int, progress: bool) -> dict:
-    trace = as_router_trace(synthetic_trace(case.layers, case.experts, case.top_k, num_sequences=1,
-                                            tokens_per_sequence=max(512, steps * case.batch + 8), progress=False))
+    trace, fitted, source = traces(case, steps)
     sched = schedule(trace, case.batch, steps + 1)
     plain = tiny_model(case)
     wrapped = copy.deepcopy(plain)
     prophet.wrap(wrapped, device="cpu", slots_per_layer=case.slots_per_layer)
     if case.policy == "prophet":
-        fit = as_router_trace(synthetic_trace(case.layers, case.experts, case.top_k, num_sequences=4,
-                                              tokens_per_sequence=256, sample_seed=1, progress=False))
-        predictor = PathMatchPredictor(case.layers, case.experts, case.top_k).fit([fit])
+        predictor = PathMatchPredictor(case.layers, case.experts, case.top_k).fit([fitted])
         reconfigure(wrapped, slots_per_layer=case.slots_per_layer, policy=predictor.policy_factory(),
                     predictor=predictor, prefetch=PrefetchConfig(max_inflight=4))
     runs = {}
@@ -118,12 +132,13 @@ def measure(case: Case, rounds: int, steps: int, progress: bool) -> dict:
     median = float(np.median(overheads))
     return {
         "case": case.name, "layers": case.layers, "experts": case.experts, "top_k": case.top_k, "batch": case.batch,
-        "slots_per_layer": case.slots_per_layer, "policy": case.policy, "target_us": case.target_us,
+        "slots_per_layer": case.slots_per_layer, "policy": case.policy, "target_us": case.target_us, "routing": source,
         "overhead_us_per_layer_median": median, "overhead_us_per_layer_min": float(min(overheads)),
         "overhead_us_per_layer_max": float(max(overheads)), "overhead_us_per_layer_rounds": overheads,
         "unwrapped_step_ms_median": float(np.median(medians["unwrapped"])) * 1e3,
         "wrapped_step_ms_median": float(np.median(medians["wrapped"])) * 1e3,
         "hit_rate": stats.hit_rate, "prefetches": stats.prefetches, "passed": median <= case.target_us,
+        "predictor_memory_rows": getattr(runtime_of(wrapped).predictor, "size", None),
     }
 
 

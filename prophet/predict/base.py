@@ -111,7 +111,8 @@ class RoutingPredictor:
         self.tokens = 0  # tokens begun in this sequence
         self.version = 0  # bumped by every observation, to memoize derived scores
         self._evict_memo: tuple[int, dict[int, np.ndarray]] = (-1, {})  # version -> {layer: [E] scores}
-        self._plans: dict[tuple[int, int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see `predict`
+        self._plans: dict[tuple, tuple] = {}  # (layer, horizon, top, keep) -> `_plan`
+        self._experts = range(num_experts)
         self._evicting = False  # eviction scores were asked for: `predict` scores the next occurrences too
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -151,28 +152,33 @@ class RoutingPredictor:
         Once eviction scores have been asked for, the same call also scores the next occurrence of each of
         those layers (distance + L) and keeps both as their keep-priorities (`eviction_scores`), so a step's
         predictions and its victims' scores come from one scoring pass instead of two."""
+        keep = self._evicting
+        plan = self._plans.get((self.layer, horizon, top, keep))
+        if plan is None:
+            plan = self._plans[self.layer, horizon, top, keep] = self._plan(horizon, top, keep)
+        arrays, h, n, keep_layers = plan
+        vals = self._score_lists(*arrays)  # [h][E], or [2h][E] with the next occurrences
+        if keep_layers:
+            memo = self._memo()
+            for d, layer in enumerate(keep_layers):
+                memo[layer, 2] = [a + b for a, b in zip(vals[d], vals[h + d])]  # as _keep_rows sums them
+        base = self.layer + 1
+        if self.num_experts > _SMALL_E:
+            best = np.argpartition(np.array(vals[:h]), self.num_experts - n, axis=1)[:, -n:].tolist()
+        else:  # a Python sort of a few floats costs less than argpartition and tolist
+            best = [sorted(self._experts, key=vals[d].__getitem__, reverse=True)[:n] for d in range(h)]
+        return [Prediction(base + d, e, vals[d][e]) for d in range(h) for e in best[d] if vals[d][e] > 0.0]
+
+    def _plan(self, horizon: int | None, top: int | None, keep: bool) -> tuple:
+        """What `predict` asks `_score_lists` from the current layer: ``((distances, shifts, layers), h, n, the
+        layers whose keep-priorities it also fills)``; made once per layer and arguments."""
         h = min(horizon or self.horizon, self.num_layers)
         n = min(top or self.top, self.num_experts)
-        keep = self._evicting
-        plan = self._plans.get((self.layer, h, keep))
-        if plan is None:  # distances 1..h (and h+1..2h one token later) and where they land, once per layer
-            d = np.arange(1, h + 1)
-            if keep:
-                d = np.concatenate([d, d + self.num_layers])
-            plan = self._plans[self.layer, h, keep] = (d, *np.divmod(self.layer + d, self.num_layers))
-        vals = self._score_lists(*plan)  # [h][E], or [2h][E] with the next occurrences
-        if keep:
-            memo = self._memo()
-            for d in range(h):
-                memo[(self.layer + 1 + d) % self.num_layers, 2] = [a + b for a, b in zip(vals[d], vals[h + d],
-                                                                                          strict=True)]
-        base = self.layer + 1
-        if self.num_experts <= _SMALL_E:  # a Python sort of a few floats costs less than argpartition + tolist
-            order = range(self.num_experts)
-            best = [sorted(order, key=vals[d].__getitem__, reverse=True)[:n] for d in range(h)]
-        else:
-            best = np.argpartition(np.array(vals[:h]), self.num_experts - n, axis=1)[:, -n:].tolist()
-        return [Prediction(base + d, e, vals[d][e]) for d in range(h) for e in best[d] if vals[d][e] > 0.0]
+        d = np.arange(1, h + 1)
+        if keep:  # the same layers one token later
+            d = np.concatenate([d, d + self.num_layers])
+        shifts, layers = np.divmod(self.layer + d, self.num_layers)
+        return (d, shifts, layers), h, n, layers[:h].tolist() if keep else []
 
     # ---- scores --------------------------------------------------------------------------------------------
     def scores(self, distances: Sequence[int] | np.ndarray) -> np.ndarray:

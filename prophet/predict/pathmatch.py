@@ -221,16 +221,18 @@ class PathMatchPredictor(PathMatchReference):
     """`PathMatchReference` with batch-1 decode paths cut to a few numpy calls per layer (the step's budget is
     tens of microseconds, and at batch 1 per-call overhead, not arithmetic, is what costs).
 
-    Same similarities bit for bit (the same float32 operations in the same order), so the same neighbours; the
-    votes of all look-ahead distances come from one gather and one product, and the finished token's path is
-    kept as lists until it is stored. Batches larger than one take the reference paths.
+    Same similarities and votes bit for bit (the same float32 operations in the same order), so the same
+    neighbours and scores; gathers use ``take``, the few floats of a row are finished in Python, and the
+    finished token's path is kept as lists until it is stored. Batches larger than one take the reference paths.
     """
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, **kw: Any) -> None:
         super().__init__(num_layers, num_experts, top_k, **kw)
         self._path: list[list[int] | None] = [None] * num_layers  # this token's experts per layer (batch 1)
         self._near: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, rows [n], weights [n])
-        self._lookup: tuple[Any, ...] | None = None  # per plan: (layers, prior votes, shifts, max shift, ...)
+        self._groups: dict[bytes, tuple] = {}  # distances (as shifts and layers) -> `_group`
+        self._priors: tuple[Any, list[list[float]]] = (None, [])  # (prior_votes, the same as lists)
+        self._mem_view: tuple[np.ndarray | None, np.ndarray | None] = (None, None)  # (mem, its [L, cap, E+1] view)
 
     def fit(self, traces: Sequence[RouterTrace]) -> PathMatchPredictor:
         super().fit(traces)
@@ -289,20 +291,49 @@ class PathMatchPredictor(PathMatchReference):
         if self.sim.shape[0] != 1 or not self.sim.shape[1]:
             return super()._score_lists(distances, shifts, layers)
         top, w = self._neighbours1()
-        look = self._lookup
-        if look is None or look[0] is not layers or look[1] is not self.prior_votes:  # once per plan and token
-            sh = shifts.tolist()
-            look = self._lookup = (layers, self.prior_votes, list(zip(sh, layers.tolist(), strict=True)), max(sh),
-                                   self.prior_votes[layers].tolist())
-        _, _, steps, last, prior_votes = look
+        key = shifts.tobytes() + layers.tobytes()
+        look = self._groups.get(key)
+        if look is None:  # once per set of distances from a layer (a few per layer)
+            look = self._groups[key] = self._group(shifts, layers)
+        last, groups = look
+        priors = self._priors
+        if priors[0] is not self.prior_votes:  # once per token
+            priors = self._priors = (self.prior_votes, self.prior_votes.tolist())
         chain = [top]  # chain[s]: the rows s tokens after the neighbours (-1, the null row, past the end)
+        succ = self.succ
         while len(chain) <= last:
-            chain.append(self.succ[chain[-1]])
-        out = []
-        for (s, j), prior in zip(steps, prior_votes, strict=True):
-            # [E+1] float32 votes per expert, then their total weight; the gathered block is laid out as the
-            # reference's fancy index lays it out ([n, E+1] rows, transposed), so the product sums alike
-            votes = self.mem[j].T.take(chain[s], axis=0).T @ w
-            total = float(votes[-1] + self.prior)  # in float32, as the reference's array arithmetic
-            out.append([(v + p) / total for v, p in zip(votes.tolist(), prior)])  # zip drops the total
+            chain.append(succ.take(chain[-1]))
+        mem_t, prior, n = self._mem_t, self.prior, len(top)
+        out: list[list[float]] = [[]] * len(layers)
+        for j, members in groups:  # the distances landing on layer j: one gather and one product
+            if len(members) == 1:
+                block = mem_t[j].take(chain[members[0][1]], axis=0)  # [n, E+1]
+            else:
+                block = mem_t[j].take(np.concatenate([chain[s] for _, s in members]), axis=0)
+                block = block.reshape(len(members), n, -1).transpose(0, 2, 1)  # [c, E+1, n]
+            # float32 votes per expert, then their total weight; laid out ([E+1, n] as a transposed gather) and
+            # summed as the reference's fancy index and product are, so the numbers are the same bit for bit
+            votes = block.T @ w if len(members) == 1 else block @ w  # [E+1] or [c, E+1]
+            votes[..., -1] += prior  # the denominators, in float32 as the reference's array arithmetic
+            rows = votes.tolist()
+            prior_votes = priors[1][j]
+            for (i, _), row in zip(members, [rows] if len(members) == 1 else rows, strict=True):
+                total = row[-1]
+                out[i] = [(v + p) / total for v, p in zip(row, prior_votes)]  # zip drops the total
         return out
+
+    @staticmethod
+    def _group(shifts: np.ndarray, layers: np.ndarray) -> tuple[int, list[tuple[int, list[tuple[int, int]]]]]:
+        """The largest shift, and the distances grouped by the layer they land on: ``(layer, [(position,
+        shift), ...])``."""
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for i, (s, j) in enumerate(zip(shifts.tolist(), layers.tolist(), strict=True)):
+            groups.setdefault(j, []).append((i, s))
+        return int(shifts.max()), list(groups.items())
+
+    @property
+    def _mem_t(self) -> np.ndarray:
+        """``mem`` as ``[L, capacity, E+1]`` (a view, remade when the memory grows)."""
+        if self._mem_view[0] is not self.mem:
+            self._mem_view = (self.mem, self.mem.transpose(0, 2, 1))
+        return self._mem_view[1]

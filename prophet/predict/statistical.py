@@ -55,7 +55,7 @@ class FrequencyPredictor(RoutingPredictor):
             np.divide(counts, self.steps[layer], out=self.prob[layer])  # <= 1: an expert is used once a token
 
     def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
-        return self.prob[layers]
+        return self.prob.take(layers, axis=0)
 
 
 class ReusePredictor(RoutingPredictor):
@@ -89,7 +89,7 @@ class ReusePredictor(RoutingPredictor):
         np.divide(state, weight, out=self.prob[layer])
 
     def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
-        return self.prob[layers]
+        return self.prob.take(layers, axis=0)
 
 
 class CoOccurrencePredictor(RoutingPredictor):
