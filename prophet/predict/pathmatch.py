@@ -239,11 +239,12 @@ class PathMatchPredictor(PathMatchReference):
         return self
 
     def _store_token(self) -> None:
-        for layer, row in enumerate(self._path):
-            if row is not None:
-                self._row[layer, row] = 1.0
-                self._seen[layer] = True
-        self._path = [None] * self.num_layers
+        seen = [layer for layer, row in enumerate(self._path) if row is not None]
+        if seen:  # the reference's multi-hot row, in two assignments
+            self._row[[layer for layer in seen for _ in self._path[layer]],
+                      [e for layer in seen for e in self._path[layer]]] = 1.0
+            self._seen[seen] = True
+            self._path = [None] * self.num_layers
         super()._store_token()
 
     def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
