@@ -222,7 +222,8 @@ class PathMatchPredictor(PathMatchReference):
     tens of microseconds, and at batch 1 per-call overhead, not arithmetic, is what costs).
 
     Same similarities and votes bit for bit (the same float32 operations in the same order), so the same
-    neighbours and scores; gathers use ``take``, the few floats of a row are finished in Python, and the
+    neighbours and scores; the distances landing on one layer share a gather, a row's few floats are finished
+    in Python, and the
     finished token's path is kept as lists until it is stored. Batches larger than one take the reference paths.
     """
 
@@ -232,7 +233,6 @@ class PathMatchPredictor(PathMatchReference):
         self._near: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, rows [n], weights [n])
         self._groups: dict[bytes, tuple] = {}  # distances (as shifts and layers) -> `_group`
         self._priors: tuple[Any, list[list[float]]] = (None, [])  # (prior_votes, the same as lists)
-        self._mem_view: tuple[np.ndarray | None, np.ndarray | None] = (None, None)  # (mem, its [L, cap, E+1] view)
 
     def fit(self, traces: Sequence[RouterTrace]) -> PathMatchPredictor:
         super().fit(traces)
@@ -304,17 +304,16 @@ class PathMatchPredictor(PathMatchReference):
         succ = self.succ
         while len(chain) <= last:
             chain.append(succ.take(chain[-1]))
-        mem_t, prior, n = self._mem_t, self.prior, len(top)
+        mem, prior, n = self.mem, self.prior, len(top)
         out: list[list[float]] = [[]] * len(layers)
         for j, members in groups:  # the distances landing on layer j: one gather and one product
+            # float32 votes per expert, then their total weight, gathered ([E+1, n] per distance) and summed as
+            # the reference gathers and sums them, so the numbers are the same bit for bit
             if len(members) == 1:
-                block = mem_t[j].take(chain[members[0][1]], axis=0)  # [n, E+1]
+                votes = mem[j][:, chain[members[0][1]]] @ w  # [E+1]
             else:
-                block = mem_t[j].take(np.concatenate([chain[s] for _, s in members]), axis=0)
-                block = block.reshape(len(members), n, -1).transpose(0, 2, 1)  # [c, E+1, n]
-            # float32 votes per expert, then their total weight; laid out ([E+1, n] as a transposed gather) and
-            # summed as the reference's fancy index and product are, so the numbers are the same bit for bit
-            votes = block.T @ w if len(members) == 1 else block @ w  # [E+1] or [c, E+1]
+                block = mem[j][:, np.concatenate([chain[s] for _, s in members])]  # [E+1, c*n]
+                votes = block.reshape(-1, len(members), n).transpose(1, 0, 2) @ w  # [c, E+1]
             votes[..., -1] += prior  # the denominators, in float32 as the reference's array arithmetic
             rows = votes.tolist()
             prior_votes = priors[1][j]
@@ -331,10 +330,3 @@ class PathMatchPredictor(PathMatchReference):
         for i, (s, j) in enumerate(zip(shifts.tolist(), layers.tolist(), strict=True)):
             groups.setdefault(j, []).append((i, s))
         return int(shifts.max()), list(groups.items())
-
-    @property
-    def _mem_t(self) -> np.ndarray:
-        """``mem`` as ``[L, capacity, E+1]`` (a view, remade when the memory grows)."""
-        if self._mem_view[0] is not self.mem:
-            self._mem_view = (self.mem, self.mem.transpose(0, 2, 1))
-        return self._mem_view[1]
