@@ -110,7 +110,7 @@ class RoutingPredictor:
         self.layer = -1  # last observed layer; -1 before the first observation of a sequence
         self.tokens = 0  # tokens begun in this sequence
         self.version = 0  # bumped by every observation, to memoize derived scores
-        self._evict_memo: tuple[int, dict[int, np.ndarray]] = (-1, {})  # version -> {layer: [E] scores}
+        self._evict_memo: tuple[int, dict] = (-1, {})  # version -> {(layer, occurrences): [E] scores}
         self._plans: dict[tuple, tuple] = {}  # (layer, horizon, top, keep) -> `_plan`
         self._experts = range(num_experts)
         self._evicting = False  # eviction scores were asked for: `predict` scores the next occurrences too

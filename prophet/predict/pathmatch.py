@@ -19,6 +19,10 @@ from prophet.predict.base import RoutingPredictor, union
 from prophet.predict.data import RouterTrace
 
 
+# `PathMatchPredictor` remembers how at most this many sets of look-ahead distances group by layer.
+_MAX_GROUPS = 4096
+
+
 class PathMatchReference(RoutingPredictor):
     """k-nearest-neighbour prediction over routing paths, the plain version (`PathMatchPredictor` is the same
     with faster batch-1 paths; tests hold the two to the same predictions).
@@ -223,8 +227,8 @@ class PathMatchPredictor(PathMatchReference):
 
     Same similarities and votes bit for bit (the same float32 operations in the same order), so the same
     neighbours and scores; the distances landing on one layer share a gather, a row's few floats are finished
-    in Python, and the
-    finished token's path is kept as lists until it is stored. Batches larger than one take the reference paths.
+    in Python, and the finished token's path is kept as lists until it is stored. Batches larger than one take
+    the reference paths.
     """
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, **kw: Any) -> None:
@@ -295,6 +299,8 @@ class PathMatchPredictor(PathMatchReference):
         key = shifts.tobytes() + layers.tobytes()
         look = self._groups.get(key)
         if look is None:  # once per set of distances from a layer (a few per layer)
+            if len(self._groups) >= _MAX_GROUPS:  # callers asking for ever new sets: keep the memo bounded
+                self._groups.clear()
             look = self._groups[key] = self._group(shifts, layers)
         last, groups = look
         priors = self._priors
