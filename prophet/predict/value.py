@@ -32,14 +32,17 @@ class ValuePredictor(RoutingPredictor):
 
     ``span``: tokens the value looks ahead (>= 2); ``decay``: weight of a token one token older in the rate;
     ``prior``: pseudo-tokens of the fitted frequency (uniform before `fit`); ``margin``: how much more than its
-    victim a copy must be worth (`worth_copying`).
+    victim a copy must be worth (`worth_copying`). The defaults are the setting `experiments/replay/policy_select.py`
+    chose for hybrid execution on held-in data (sequence 0 of the shared Mixtral trace); copy-only chose
+    ``horizon=1`` (prefetch the next layer within the link budget), since there a wrong copy delays demand misses.
     """
 
     name = "value"
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, near: RoutingPredictor | None = None,
-                 span: float = 8.0, decay: float = 0.9, prior: float = 4.0, margin: float = 0.0,
+                 span: float = 16.0, decay: float = 0.95, prior: float = 4.0, margin: float = 0.0,
                  **kw: Any) -> None:
+        kw.setdefault("horizon", num_layers)  # prefetch a whole token ahead: one layer cannot hide a copy
         super().__init__(num_layers, num_experts, top_k, **kw)
         if not span >= 2 or not 0.0 <= decay <= 1.0 or not prior > 0 or not margin >= 0:
             raise ConfigError(f"ValuePredictor(span={span}, decay={decay}, prior={prior}, margin={margin}): "
