@@ -11,6 +11,7 @@ from prophet.predict.data import as_router_trace
 from prophet.predict.pathmatch import PathMatchPredictor
 from prophet.predict.value import ValuePredictor
 from prophet.sim import replay
+from prophet.sim.replay import replay_counts
 from prophet.trace.synth import synthetic_trace
 
 from predict_helpers import random_trace
@@ -93,3 +94,17 @@ def test_hybrid_admits_host_experts_only_when_worth_more_than_their_victim(margi
     assert res.cpu_misses > 0
     # a margin no copy can beat leaves only the free slots to fill: nothing is ever evicted for a copy
     assert (res.loads > slots) == admits
+
+
+def test_prefetches_are_gated_by_the_value_of_what_they_would_evict():
+    spec = get_spec("mixtral").tiny()
+    shape = (spec.num_moe_layers, spec.num_experts, spec.top_k)
+    r = as_router_trace(synthetic_trace(*shape, num_sequences=1, tokens_per_sequence=40, seed=5, progress=False))
+    slots = 6
+    counts = {}
+    for margin in (0.0, 1e9):
+        p = ValuePredictor(*shape, margin=margin)
+        counts[margin] = replay_counts(r, p.policy_factory(), predictor=p, cache_slots=slots,
+                                       prefetch=PrefetchConfig(max_inflight=4)).prefetches
+    # an unbeatable margin leaves prefetch only the free slots of the start
+    assert counts[1e9] <= slots < counts[0.0]
