@@ -52,6 +52,7 @@ class ValuePredictor(RoutingPredictor):
         self.base = np.full((num_layers, num_experts), top_k / num_experts)  # [L, E] fitted uses per token
         self.counts = np.zeros((num_layers, num_experts))  # [L, E] decayed uses in this sequence
         self.weight = np.zeros(num_layers)  # [L] decayed tokens counted
+        self._near_memo: tuple[int, np.ndarray] = (-1, np.zeros(0))  # (version, [2L, E]) see `_table`
         self.name = f"value[{self.near.name}]"
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -81,7 +82,19 @@ class ValuePredictor(RoutingPredictor):
                 counts[e] += 1.0
 
     def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        if len(distances) and distances.max() <= 2 * self.num_layers:
+            return self._table()[distances - 1]
         return self.near._scores(distances, shifts, layers)
+
+    def _table(self) -> np.ndarray:
+        """``[2L, E]`` near probabilities at distances 1..2L, computed once per observation: prefetch (a token
+        ahead) and the values of every layer (its next two steps) read the same rows."""
+        version, table = self._near_memo
+        if version != self.version:
+            d = np.arange(1, 2 * self.num_layers + 1)
+            table = self.near._scores(d, *np.divmod(self.layer + d, self.num_layers))
+            self._near_memo = (self.version, table)
+        return table
 
     # ---- value -------------------------------------------------------------------------------------------
     def rates(self) -> np.ndarray:
@@ -90,7 +103,7 @@ class ValuePredictor(RoutingPredictor):
 
     def _keep_rows(self, layers: list[int], occurrences: int) -> dict[int, list[float]]:
         """The value ``[E]`` of each of ``layers`` (what `eviction_score` and `eviction_scores` read), memoized
-        until the next observation."""
+        until the next observation; ``occurrences`` is not used: a value always spans ``span`` tokens."""
         version, memo = self._evict_memo
         if version != self.version:
             memo = {}
