@@ -211,6 +211,12 @@ class ExpertCache:
         self.stats[layer].prefetches += 1
         return True
 
+    def prefetch_victim(self, layer: int) -> Key | None:
+        """The key a `prefetch` into ``layer``'s pool would evict now, or None when a slot is free (or nothing is
+        evictable): what an admission rule weighs a copy against."""
+        pool = self.pool(layer)
+        return None if pool.free else self._victim(pool, for_prefetch=True)
+
     def holds_everything(self) -> bool:
         """True when every expert of every layer can have a slot at once: nothing would ever be evicted."""
         if self.shared:

@@ -8,8 +8,11 @@ copy means: a side-stream copy on CUDA, a synchronous one on CPU, modelled time 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prophet.cache import ExpertCache
 from prophet.config import PrefetchConfig
+from prophet.policies import Key
 from prophet.predict.base import Prediction
 
 
@@ -25,6 +28,10 @@ class Prefetcher:
         self.dropped_stale = 0
         self.layer_ms: float | None = None  # measured compute of a layer step (auto budget), moving average
         self._layer_tokens = 0  # tokens of the steps layer_ms averages
+        # admission rule ``gate(key, victim) -> bool``: copy a prediction only when it is worth more than the key its
+        # copy would evict (None: copy whatever passes the threshold); `prophet.step.Step` sets the predictor's
+        self.gate: Callable[[Key, Key | None], bool] | None = None
+        self.gated = 0  # predictions dropped by the gate
 
     def submit(self, predictions: list[Prediction], current_layer: int) -> None:
         """Queue ``predictions`` (keeping the best score per key) and issue what fits now."""
@@ -100,6 +107,9 @@ class Prefetcher:
             p = self._queue.pop(0)
             layer = p.layer % self.num_layers
             if self.cache.resident(layer, p.expert):
+                continue
+            if self.gate is not None and not self.gate((layer, p.expert), self.cache.prefetch_victim(layer)):
+                self.gated += 1
                 continue
             if not self.cache.prefetch(layer, p.expert):
                 self._queue.insert(0, p)  # no evictable slot now; retry at the next layer

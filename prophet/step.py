@@ -81,6 +81,8 @@ class Step:
         self.predictor = predictor
         self.misses = misses
         self.prefetching = prefetcher.config.enabled and predictor is not None
+        # a predictor that values experts decides what its prefetches may evict, as it decides admissions
+        prefetcher.gate = getattr(predictor, "worth_copying", None)
 
     def begin_sequence(self) -> None:
         """A new sequence starts: the predictor forgets the old one's tokens (`reset`, where it has one) and
@@ -159,10 +161,21 @@ class Step:
 
     def admit(self, layer: int, experts: Sequence[int]) -> None:
         """Copy host experts into the cache in the background, as prefetches, while fewer than the prefetcher's
-        ``max_inflight`` copies are in flight: one used again soon is then a hit."""
+        ``max_inflight`` copies are in flight: one used again soon is then a hit.
+
+        With a predictor that values experts (``worth_copying``, e.g. `prophet.predict.value.ValuePredictor`),
+        only hot experts are admitted, most valuable first: each must be worth more than the expert its copy
+        would evict, so the link's few copies a token go where they pay ("hot-expert admission")."""
         stats = self.cache.stats[layer]
+        gate = getattr(self.predictor, "worth_copying", None)
+        if gate is not None:
+            experts = sorted(experts, key=lambda e: -self.predictor.value(layer, e))
         for e in experts:
-            if self.cache.inflight() < self.prefetcher.config.max_inflight and self.cache.prefetch(layer, e):
+            if self.cache.inflight() >= self.prefetcher.config.max_inflight:
+                break
+            if gate is not None and not gate((layer, e), self.cache.prefetch_victim(layer)):
+                continue
+            if self.cache.prefetch(layer, e):
                 stats.admitted += 1
 
     def abort(self) -> None:

@@ -11,6 +11,9 @@ Rows per profile:
                              8 copies in flight (the replay's default)
     hybrid LRU, 1 in flight  admissions one at a time: a copy never queues behind another
     prophet hybrid (...)     path-matching eviction, prefetch within the link budget, same admission settings
+    prophet hybrid (value)   `prophet.predict.value.ValuePredictor` at its defaults (chosen on sequence 0 by
+                             `policy_select.py`): value eviction, prefetch a token ahead, hot-expert admission
+                             (a copy only when worth more than its victim), 1 in flight
 
 Beside them, `prophet.hybrid.decide` on the trace's token counts per expert: the share of missed experts it
 copies rather than computes on the host, by batch (every distinct expert of a step taken as missed).
@@ -34,6 +37,7 @@ from prophet.models.registry import get_spec
 from prophet.plan import plan
 from prophet.predict.data import as_router_trace
 from prophet.predict.pathmatch import PathMatchPredictor
+from prophet.predict.value import ValuePredictor
 from prophet.provenance import git_sha, versions
 from prophet.sim import get_profile, replay, schedule
 from prophet.sim.cost import CostModel
@@ -83,12 +87,15 @@ def panel(spec: Any, trace: Any, gpu: str, context: int) -> dict[str, Any]:
         "prophet hybrid": {"prophet": True, "on_miss": "auto"},
         "prophet hybrid, 1 in flight, no prefetch": {"prophet": True, "on_miss": "auto", "prefetch": one},
         "prophet hybrid, 1 in flight, budgeted prefetch": {"prophet": True, "on_miss": "auto", "prefetch": budgeted},
+        "prophet hybrid (value), hot-expert admission, 1 in flight": {
+            "value": True, "on_miss": "auto", "prefetch": PrefetchConfig(max_inflight=1)},
     }
     rows = []
     for name, args in tqdm(runs.items(), desc=gpu):
         args = dict(args)
-        if args.pop("prophet", False):
-            p = PathMatchPredictor(trace.num_layers, trace.num_experts, trace.top_k).fit([train])
+        made = {"prophet": PathMatchPredictor, "value": ValuePredictor}
+        for key in [k for k in made if args.pop(k, False)]:
+            p = made[key](trace.num_layers, trace.num_experts, trace.top_k).fit([train])
             args.update(policy=p.policy_factory(), predictor=p)
         rows.append(_row(name, replay(test, spec, gpu, cache_slots=slots, context=context, progress=False, **args)))
     tps = {r["row"]: r["tokens_per_s"] for r in rows}

@@ -165,7 +165,7 @@ def make_predictor(name: str, trace: RouterTrace, sched: Schedule) -> Any:
     fitted on ``trace`` (pass routing other than the replayed one: `prophet.sim.samples`). ``a+b`` builds an ensemble."""
     if name == "oracle":
         return ScheduleOracle(sched)
-    from prophet.predict import ensemble, pathmatch, statistical
+    from prophet.predict import ensemble, pathmatch, statistical, value
 
     classes = {
         c.name: c
@@ -175,6 +175,7 @@ def make_predictor(name: str, trace: RouterTrace, sched: Schedule) -> Any:
             statistical.CoOccurrencePredictor,
             statistical.ActivationMatrixPredictor,
             pathmatch.PathMatchPredictor,
+            value.ValuePredictor,
         )
     }
     parts = name.split("+")

@@ -16,6 +16,7 @@ from prophet.models import get_spec
 from prophet.models.adapter import moe_layers
 from prophet.predict import PathMatchPredictor
 from prophet.predict.data import as_router_trace
+from prophet.predict.value import ValuePredictor
 from prophet.routing import ForcedRouting
 from prophet.sim import replay, schedule
 from prophet.sim.replay import replay_counts
@@ -23,6 +24,7 @@ from prophet.trace.synth import synthetic_trace
 from prophet.wrap import is_wrapped, reconfigure, runtime_of
 
 SPEC = get_spec("mixtral").tiny()  # 2 MoE layers x 8 experts, top-2
+PREDICTED = ("prophet", "value")  # policies driven by a predictor, which also prefetches
 
 
 def routes(seed: int = 0, tokens: int = 64):
@@ -100,10 +102,11 @@ def test_wrapped_and_unwrapped_models_decode_identically_under_forced_routing():
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "prophet"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "prophet", "value"])
 def test_real_cache_counts_equal_the_simulators_for_the_same_rows_prompt_included(batch, policy):
     # the runtime and the simulator run one step function: a 6-token prompt is one deduplicated step in both,
-    # and the prophet policy's predictor (fresh on both sides, reset where the generation starts) prefetches alike
+    # and the prophet policy's predictor (fresh on both sides, reset where the generation starts) prefetches alike;
+    # "value" also gates each prefetch by the value of the expert it would evict (ValuePredictor.worth_copying)
     r = routes(seed=4)
     prompt, steps, slots = 6, 20, 5
     sched = schedule(r, batch, 1 + steps, prompt=prompt)
@@ -112,9 +115,11 @@ def test_real_cache_counts_equal_the_simulators_for_the_same_rows_prompt_include
     prefetch = PrefetchConfig(max_inflight=4)  # fixed, not measured: the same gate on both sides
 
     def run(kind):
-        if policy != "prophet":
+        if policy not in PREDICTED:
             return kind(policy, None)
-        predictor = PathMatchPredictor(SPEC.num_moe_layers, SPEC.num_experts, SPEC.top_k).fit([routes(seed=9)])
+        shape = (SPEC.num_moe_layers, SPEC.num_experts, SPEC.top_k)
+        made = PathMatchPredictor(*shape) if policy == "prophet" else ValuePredictor(*shape, margin=0.2, horizon=2)
+        predictor = made.fit([routes(seed=9)])
         return kind(predictor.policy_factory(), predictor)
 
     run(lambda pol, pred: dec.run_policies(model, [dec.PolicyRun(policy, pol, pred, prefetch)], routing,
@@ -126,8 +131,8 @@ def test_real_cache_counts_equal_the_simulators_for_the_same_rows_prompt_include
     assert (real.prefetches, real.prefetch_hits, real.wasted_prefetches) == (
         sim.prefetches, sim.prefetch_hits, sim.wasted_prefetches)
     assert real.misses > 0 and real.hits > 0
-    assert (real.prefetches > 0) == (policy == "prophet")
-    if policy != "prophet":  # without prefetch the cost model's clock changes no decision
+    assert (real.prefetches > 0) == (policy in PREDICTED)
+    if policy not in PREDICTED:  # without prefetch the cost model's clock changes no decision
         timed = replay(r, SPEC, "h100-sxm", policy=policy, cache_slots=slots, sched=sched, sequences=False)
         assert (timed.hits, timed.misses) == (real.hits, real.misses)
 
