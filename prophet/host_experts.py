@@ -15,10 +15,12 @@ down projection), ``y = w2 a + b2`` in fp32. Matrix products (`host_linear`):
         over the threads (weights stream from DRAM once, at the read bandwidth)
     bf16/fp16, more tokens: row tiles widened to fp32 and multiplied by torch (compute-bound there anyway)
     fp32: torch's fp32 matmul, rows split over the threads
-    quantized stores (`prophet.formats`: int8/int4/fp8/mxfp4): each expert dequantized by the format's
-        reference (`HostStore.read_canonical`) to the compute dtype, then the dense path. Correct for every
-        format, but it reads and writes a dense copy: a format's own host kernel (reading its bytes in
-        `host_linear`'s place) is what would keep it at the memory's speed.
+    int8/int4 group-quantized stores, kernel built: `prophet.host_gemv.gemv_int_rows` reads the stored bytes
+        (values + fp16 group scales) and dequantizes in registers, each weight rounded to the compute dtype as
+        the reference rounds it (`IntWeight`)
+    fp8/mxfp4 stores (or no kernel): each expert dequantized by the format's reference
+        (`HostStore.read_canonical`) to the compute dtype, then the dense path. Correct, but it reads and writes
+        a dense copy: a kernel of the format's own would keep it at the memory's speed.
 """
 
 from __future__ import annotations
@@ -38,9 +40,25 @@ from prophet.errors import ConfigError, DtypeError
 from prophet.formats import ExpertFormat
 from prophet.store import HostStore
 
+INT_MAX_TOKENS = 8  # the integer kernel dequantizes per token: past a few tokens, dequantize once + matmul wins
 GEMV_MAX_TOKENS = 32  # the kernel re-widens weights per token pair; past this, widened tiles + torch matmul win (measured: the kernel is 1.5-3.6x faster up to 32 tokens)
 TILE_ELEMENTS = 1 << 18  # weights widened to fp32 per tile (1 MiB: stays in L2)
 ROW_ALIGN = 16  # thread row ranges start on multiples of this (whole cache lines of bf16 rows' starts)
+
+@dataclass(frozen=True)
+class IntWeight:
+    """A group-quantized weight matrix ``[N, K]`` as stored (int8 ``[N, K]`` or int4 packed ``[N, ceil(K/2)]``
+    values, fp16 ``scales [N, ceil(K/group)]``), for the integer kernel."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    group: int
+    bits: int
+
+    @property
+    def rows(self) -> int:
+        return self.values.shape[0]
+
 
 def default_threads() -> int:
     """``PROPHET_HOST_THREADS``, else the usable CPUs minus one (the Python thread that drives the GPU)."""
@@ -114,6 +132,8 @@ class HostExperts:
                              "them as bf16, fp16, fp32, int8, int4, fp8 or mxfp4")
         self.store = store
         self.kernel = use_kernel and host_gemv.available()
+        weights = store.weights
+        self.int_kernel = self.kernel and weights.kind == "int" and weights.block_rows == 1
         self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="prophet-host")
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="prophet-host-driver")  # orders layer jobs
         self._local = threading.local()  # per-thread fp32 tile for widened weights
@@ -150,30 +170,45 @@ class HostExperts:
 
     def expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on ``x [n, H]`` fp32 -> ``[n, H]`` fp32."""
-        t = self.store.read_canonical(layer, expert)
         fmt: ExpertFormat = self.store.fmt
-        h = self.linear(t["w1"], x)  # [n, N1]
+        if self.int_kernel and x.shape[0] <= INT_MAX_TOKENS:  # the stored bytes themselves; biases are stored in the compute dtype
+            t = self.store.read(layer, expert)
+            w1, w2 = self._int_weight(t, "w1"), self._int_weight(t, "w2")
+        else:
+            t = self.store.read_canonical(layer, expert)
+            w1, w2 = t["w1"], t["w2"]
+        h = self.linear(w1, x)  # [n, N1]
         if fmt.has_bias:
             h += t["b1"].float()
-        act = _activate(fmt, h).to(t["w2"].dtype).float()  # rounded like the eager model's down input
-        y = self.linear(t["w2"], act)  # [n, H]
+        act = _activate(fmt, h).to(self.store.compute_dtype).float()  # rounded like the eager model's down input
+        y = self.linear(w2, act)  # [n, H]
         if fmt.has_bias:
             y += t["b2"].float()
         return y
 
+    def _int_weight(self, t: dict[str, torch.Tensor], name: str) -> IntWeight:
+        weights = self.store.weights
+        group = weights.block(*self.store.fmt.shapes[name])[1]
+        return IntWeight(t[name], t[f"{name}_scale"], group, int(weights.value_bits))
+
     # ---- matrix products -----------------------------------------------------------------------------
-    def linear(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, w: torch.Tensor | IntWeight, x: torch.Tensor) -> torch.Tensor:
         """``x [B, K] fp32 @ w [N, K].T -> [B, N] fp32``, output rows split over the worker threads."""
         x = x.contiguous()
-        y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
-        if w.dtype == torch.bfloat16 and self.kernel and x.shape[0] <= GEMV_MAX_TOKENS and w.stride(1) == 1:
-            part: Callable[[int, int], None] = lambda a, b: host_gemv.gemv_rows(w, x, y, a, b)  # noqa: E731
+        rows = w.rows if isinstance(w, IntWeight) else w.shape[0]
+        y = torch.empty((x.shape[0], rows), dtype=torch.float32)
+        if isinstance(w, IntWeight):
+            dtype = self.store.compute_dtype
+            part: Callable[[int, int], None] = lambda a, b: host_gemv.gemv_int_rows(  # noqa: E731
+                w.values, w.scales, w.group, w.bits, dtype, x, y, a, b)
+        elif w.dtype == torch.bfloat16 and self.kernel and x.shape[0] <= GEMV_MAX_TOKENS and w.stride(1) == 1:
+            part = lambda a, b: host_gemv.gemv_rows(w, x, y, a, b)  # noqa: E731
         elif w.dtype == torch.float32:
             part = lambda a, b: torch.mm(x, w[a:b].T, out=y[:, a:b]) if x.shape[0] > 1 else y[:, a:b].copy_(  # noqa: E731
                 F.linear(x, w[a:b]))
         else:
             part = lambda a, b: self._widened(w, x, y, a, b)  # noqa: E731
-        ranges = _split(w.shape[0], self.threads)
+        ranges = _split(rows, self.threads)
         futures = [self._workers.submit(part, a, b) for a, b in ranges[1:]]
         part(*ranges[0])  # the calling thread takes the first range
         for f in futures:

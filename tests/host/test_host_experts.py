@@ -7,7 +7,7 @@ import torch
 
 from prophet import host_gemv
 from prophet.errors import ConfigError
-from prophet.formats import ExpertFormat, expert_forward, weight_format
+from prophet.formats import ExpertFormat, dequantize, expert_forward, quantize, weight_format
 from prophet.host_experts import HostExperts, HostJob, jobs_for
 from prophet.store import HostStore
 
@@ -99,19 +99,68 @@ def test_quantized_store_equals_its_dequantized_reference(weights: str) -> None:
 
 
 @pytest.mark.skipif(not host_gemv.available(), reason="host GEMV kernel not built here")
-@pytest.mark.parametrize("shape", [(4, 8), (5, 9), (33, 130), (100, 7)])
-def test_kernel_rows_equal_fp32_product(shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("shape", [(4, 8), (5, 9), (33, 130), (100, 7), (19, 8203)])  # 19 rows: eight at a time and the rest
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("bf16_x", [True, False], ids=["bf16_x", "fp32_x"])
+def test_kernel_rows_equal_fp32_product(shape: tuple[int, int], tokens: int, bf16_x: bool) -> None:
+    """Every kernel path (one bf16-exact token: one row stream or eight rows; else rows x token pairs)."""
     n, k = shape
-    gen = torch.Generator().manual_seed(n * k)
+    gen = torch.Generator().manual_seed(n * k + tokens)
     w = torch.randn(n, k, generator=gen).bfloat16()
-    x = torch.randn(3, k, generator=gen)
-    y = torch.full((3, n), float("nan"))
+    x = torch.randn(tokens, k, generator=gen)
+    if bf16_x:
+        x = x.bfloat16().float()
+    y = torch.full((tokens, n), float("nan"))
     host_gemv.gemv_rows(w, x, y, 0, n)
-    torch.testing.assert_close(y, x @ w.float().T, atol=1e-5, rtol=1e-5)
-    y2 = torch.full((3, n), float("nan"))
+    ref = (x.double() @ w.double().T).float()
+    torch.testing.assert_close(y, ref, atol=1e-5 * k**0.5, rtol=1e-5)
+    y2 = torch.full((tokens, n), float("nan"))
     host_gemv.gemv_rows(w, x, y2, 1, n - 1)  # a row range leaves the rest untouched
     assert y2[:, 0].isnan().all() and y2[:, -1].isnan().all()
     torch.testing.assert_close(y2[:, 1:-1], y[:, 1:-1])
+
+
+@pytest.mark.skipif(not host_gemv.available(), reason="host GEMV kernel not built here")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("shape", "group"), [((5, 64), 32), ((9, 37), 16), ((7, 301), 0), ((3, 40), 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_int_kernel_equals_dequantize_then_matmul(bits: int, shape: tuple[int, int], group: int,
+                                                   dtype: torch.dtype) -> None:
+    """int8/int4 rows (odd sizes, group tails, odd groups, one scale per row) against the reference dequantize,
+    rounded to the compute dtype, then an fp64 product; 1 and 3 tokens."""
+    n, k = shape
+    wf = weight_format(f"int{bits}", group_size=group)
+    gen = torch.Generator().manual_seed(n * k + bits + group)
+    values, scales = quantize(wf, torch.randn(n, k, generator=gen))
+    w = dequantize(wf, values, scales, shape).to(dtype).double()
+    for tokens in (1, 3):
+        x = torch.randn(tokens, k, generator=gen)
+        y = torch.full((tokens, n), float("nan"))
+        host_gemv.gemv_int_rows(values, scales, group or k, bits, dtype, x, y, 0, n)
+        torch.testing.assert_close(y.double(), x.double() @ w.T, atol=1e-5 * k**0.5, rtol=1e-5)
+        y2 = torch.full((tokens, n), float("nan"))
+        host_gemv.gemv_int_rows(values, scales, group or k, bits, dtype, x, y2, 1, n - 1)
+        assert y2[:, 0].isnan().all() and y2[:, -1].isnan().all()
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_int_store_host_experts_equal_reference(weights: str, dtype: torch.dtype, tokens: int) -> None:
+    """A whole layer from an int store through the integer kernel (biases, gpt_oss activation, odd sizes)."""
+    fmt = FORMATS[2] if tokens == 1 else FORMATS[1]
+    gen = torch.Generator().manual_seed(tokens + len(weights))
+    store = _store(fmt, dtype, gen, weights)
+    x = torch.randn(tokens, fmt.hidden_size, generator=gen).to(dtype).float()
+    idx, w = _routing(tokens, gen)
+    jobs = jobs_for(idx, w, [0, 2, 3])
+    with HostExperts(store, threads=2) as host, HostExperts(store, threads=1, use_kernel=False) as reference:
+        assert host.int_kernel == host_gemv.available() and not reference.int_kernel
+        out = host.submit(0, x, jobs).result().out
+        ref = reference.submit(0, x, jobs).result().out  # dequantize (rounded to dtype), torch fp32 products
+    # both round the activation to dtype: an fp32 difference can flip one rounding (one bf16 ulp of one input)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
 def test_submit_returns_at_once_and_orders_layers() -> None:
