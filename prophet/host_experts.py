@@ -137,6 +137,7 @@ class HostExperts:
         self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="prophet-host")
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="prophet-host-driver")  # orders layer jobs
         self._local = threading.local()  # per-thread fp32 tile for widened weights
+        self._fields: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # slab views, made once per expert
 
     def __enter__(self) -> HostExperts:
         return self
@@ -172,10 +173,10 @@ class HostExperts:
         """One expert on ``x [n, H]`` fp32 -> ``[n, H]`` fp32."""
         fmt: ExpertFormat = self.store.fmt
         if self.int_kernel and x.shape[0] <= INT_MAX_TOKENS:  # the stored bytes themselves; biases are stored in the compute dtype
-            t = self.store.read(layer, expert)
+            t = self._stored(layer, expert)
             w1, w2 = self._int_weight(t, "w1"), self._int_weight(t, "w2")
-        else:
-            t = self.store.read_canonical(layer, expert)
+        else:  # dense: the stored views; other formats: dequantized by their reference
+            t = self.store.read_canonical(layer, expert) if self.store.weights.quantized else self._stored(layer, expert)
             w1, w2 = t["w1"], t["w2"]
         h = self.linear(w1, x)  # [n, N1]
         if fmt.has_bias:
@@ -185,6 +186,15 @@ class HostExperts:
         if fmt.has_bias:
             y += t["b2"].float()
         return y
+
+    def _stored(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Views of one expert's stored fields, made on first use: a decode step's torch calls between kernel
+        calls each cost 50-250 us once the weights streamed through have evicted the interpreter's data."""
+        key = (layer, expert)
+        views = self._fields.get(key)
+        if views is None:
+            views = self._fields[key] = self.store.read(layer, expert)
+        return views
 
     def _int_weight(self, t: dict[str, torch.Tensor], name: str) -> IntWeight:
         weights = self.store.weights
