@@ -15,9 +15,11 @@ down projection), ``y = w2 a + b2`` in fp32. Matrix products (`host_linear`):
         over the threads (weights stream from DRAM once, at the read bandwidth)
     bf16/fp16, more tokens: row tiles widened to fp32 and multiplied by torch (compute-bound there anyway)
     fp32: torch's fp32 matmul, rows split over the threads
-    int8/int4 group-quantized stores, kernel built: `prophet.host_gemv.gemv_int_rows` reads the stored bytes
-        (values + fp16 group scales) and dequantizes in registers, each weight rounded to the compute dtype as
-        the reference rounds it (`IntWeight`)
+    int8/int4 group-quantized stores, up to ``INT_MAX_TOKENS`` tokens, kernel built:
+        `prophet.host_gemv.gemv_int_rows` reads the stored bytes (values + fp16 group scales, `IntWeight`) and
+        dequantizes in registers to fp32 weights exactly as `prophet.formats.dequantize` gives them; the paths
+        below (and the device kernels) round them to the compute dtype first, so in bf16 this one is the closer
+        to the quantized weights, by at most that rounding
     fp8/mxfp4 stores (or no kernel): each expert dequantized by the format's reference
         (`HostStore.read_canonical`) to the compute dtype, then the dense path. Correct, but it reads and writes
         a dense copy: a kernel of the format's own would keep it at the memory's speed.
@@ -208,9 +210,8 @@ class HostExperts:
         rows = w.rows if isinstance(w, IntWeight) else w.shape[0]
         y = torch.empty((x.shape[0], rows), dtype=torch.float32)
         if isinstance(w, IntWeight):
-            dtype = self.store.compute_dtype
             part: Callable[[int, int], None] = lambda a, b: host_gemv.gemv_int_rows(  # noqa: E731
-                w.values, w.scales, w.group, w.bits, dtype, x, y, a, b)
+                w.values, w.scales, w.group, w.bits, x, y, a, b)
         elif w.dtype == torch.bfloat16 and self.kernel and x.shape[0] <= GEMV_MAX_TOKENS and w.stride(1) == 1:
             part = lambda a, b: host_gemv.gemv_rows(w, x, y, a, b)  # noqa: E731
         elif w.dtype == torch.float32:

@@ -220,81 +220,79 @@ void prophet_widen_bf16(const uint16_t *src, float *dst, long n) {
 
 /* ---- group-quantized integer weights ------------------------------------------------------------------------
  *
- * y[b, n] = sum_k w[n, k] * x[b, k],  w[n, k] = round(q[n, k] * s[n, k / group])
+ * y[b, n] = sum_g s[n, g] * sum_{k in group g} q[n, k] * x[b, k]
  *
  * q: int8 (bits 8) or int4 (bits 4: two a byte, the even column in the low nibble, stored as q + 8), row stride
- * ldw bytes; s: fp16 scales, row stride lds; x, y fp32 as above. `round` is what the reference
- * (`prophet.formats.dequantize`, then the compute dtype) does to each weight: 0 keep fp32, 1 round to bf16,
- * 2 to fp16, so the product equals dequantize-then-matmul up to the order of fp32 sums. Weights are dequantized
- * in registers (bytes -> int32 lanes -> fp32, times the group's scale) and never written; a row of bytes is
- * read from DRAM once and from L1 for each further token. An int4 row's even and odd columns come from the low
- * and high nibbles of the same bytes, so each token is split once into its even and odd halves to pair with them.
+ * ldw bytes; s: fp16 scales, one per `group` columns of a row, row stride lds; x, y fp32 as above. This is
+ * `prophet.formats.dequantize` (w = q * s, exact in fp32) then the product, up to the order of fp32 sums: the
+ * integers are widened to fp32 in registers, each group's sum is scaled once, and no weight is written. Four
+ * FMA chains per row (one would wait on its own latency). A row of bytes is read from DRAM once and from L1 for
+ * each further token. An int4 row's even and odd columns come from the low and high nibbles of the same bytes,
+ * so each token is split once into its even and odd halves to pair with them.
  */
-static inline __m256 round_to(__m256 v, int round) {
-    if (round == 1) { /* bf16, to nearest even: add 0x7fff + the kept lowest bit, drop the low 16 bits */
-        __m256i u = _mm256_castps_si256(v);
-        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-        u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-        return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000)));
-    }
-    if (round == 2) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-    return v;
-}
-
-static inline float round1(float v, int round) {
-    return _mm256_cvtss_f32(round_to(_mm256_set1_ps(v), round));
-}
-
 static inline float half1(uint16_t h) { return _cvtsh_ss(h); }
 
+static inline __m256 int8x8(const int8_t *q) { /* 8 int8 -> fp32 */
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+}
+
 /* one int8 row . one token */
-static float row_int8(const int8_t *q, const uint16_t *s, long group, int round, const float *x, long K) {
-    __m256 acc = _mm256_setzero_ps(), acc2 = acc;
+static float row_int8(const int8_t *q, const uint16_t *s, long group, const float *x, long K) {
+    __m256 total = _mm256_setzero_ps();
     float tail = 0;
     for (long g0 = 0; g0 < K; g0 += group) {
         long g1 = g0 + group < K ? g0 + group : K, k = g0;
-        float sf = half1(s[g0 / group]);
-        __m256 sv = _mm256_set1_ps(sf);
-        for (; k + 16 <= g1; k += 16) {
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + k))));
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + k + 8))));
-            acc = _mm256_fmadd_ps(round_to(_mm256_mul_ps(w0, sv), round), _mm256_loadu_ps(x + k), acc);
-            acc2 = _mm256_fmadd_ps(round_to(_mm256_mul_ps(w1, sv), round), _mm256_loadu_ps(x + k + 8), acc2);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (; k + 32 <= g1; k += 32) {
+            a0 = _mm256_fmadd_ps(int8x8(q + k), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(int8x8(q + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(int8x8(q + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(int8x8(q + k + 24), _mm256_loadu_ps(x + k + 24), a3);
         }
-        for (; k < g1; k++) tail += round1((float)q[k] * sf, round) * x[k];
+        for (; k + 8 <= g1; k += 8) a0 = _mm256_fmadd_ps(int8x8(q + k), _mm256_loadu_ps(x + k), a0);
+        float sf = half1(s[g0 / group]), rest = 0;
+        for (; k < g1; k++) rest += (float)q[k] * x[k];
+        total = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), _mm256_set1_ps(sf), total);
+        tail += rest * sf;
     }
-    return hsum(_mm256_add_ps(acc, acc2)) + tail;
+    return hsum(total) + tail;
 }
 
 /* one int4 row . one token given as its even (xe) and odd (xo) columns, K/2 rounded up each */
-static float row_int4(const uint8_t *q, const uint16_t *s, long group, int round, const float *xe, const float *xo,
-                      long K) {
-    __m256 acc = _mm256_setzero_ps(), acc2 = acc;
+static float row_int4(const uint8_t *q, const uint16_t *s, long group, const float *xe, const float *xo, long K) {
     const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+    __m256 total = _mm256_setzero_ps();
     float tail = 0;
     for (long g0 = 0; g0 < K; g0 += group) {
         long g1 = g0 + group < K ? g0 + group : K, k = g0;
-        float sf = half1(s[g0 / group]);
-        __m256 sv = _mm256_set1_ps(sf);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         if (g0 % 2 == 0) /* whole bytes from here: eight bytes hold 16 columns */
-            for (; k + 16 <= g1; k += 16) {
-                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k / 2)));
-                __m256 we = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, low), eight));
-                __m256 wo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
-                acc = _mm256_fmadd_ps(round_to(_mm256_mul_ps(we, sv), round), _mm256_loadu_ps(xe + k / 2), acc);
-                acc2 = _mm256_fmadd_ps(round_to(_mm256_mul_ps(wo, sv), round), _mm256_loadu_ps(xo + k / 2), acc2);
+            for (; k + 32 <= g1; k += 32) {
+                __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k / 2)));
+                __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k / 2 + 8)));
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b0, low), eight)),
+                                     _mm256_loadu_ps(xe + k / 2), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b0, 4), eight)),
+                                     _mm256_loadu_ps(xo + k / 2), a1);
+                a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b1, low), eight)),
+                                     _mm256_loadu_ps(xe + k / 2 + 8), a2);
+                a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b1, 4), eight)),
+                                     _mm256_loadu_ps(xo + k / 2 + 8), a3);
             }
+        float sf = half1(s[g0 / group]), rest = 0;
         for (; k < g1; k++) {
             int code = k % 2 ? q[k / 2] >> 4 : q[k / 2] & 15;
-            tail += round1((float)(code - 8) * sf, round) * (k % 2 ? xo[k / 2] : xe[k / 2]);
+            rest += (float)(code - 8) * (k % 2 ? xo[k / 2] : xe[k / 2]);
         }
+        total = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), _mm256_set1_ps(sf), total);
+        tail += rest * sf;
     }
-    return hsum(_mm256_add_ps(acc, acc2)) + tail;
+    return hsum(total) + tail;
 }
 
 /* Returns 0 when out of memory (nothing computed), else 1. */
-int prophet_gemv_int(const uint8_t *w, long ldw, const uint16_t *s, long lds, long group, int bits, int round,
-                     const float *x, long ldx, float *y, long ldy, long B, long K, long n0, long n1) {
+int prophet_gemv_int(const uint8_t *w, long ldw, const uint16_t *s, long lds, long group, int bits, const float *x,
+                     long ldx, float *y, long ldy, long B, long K, long n0, long n1) {
     float *split = NULL; /* int4: per token, its K/2 even then K/2 odd columns (rounded up) */
     long half = (K + 1) / 2;
     if (bits == 4) {
@@ -305,8 +303,8 @@ int prophet_gemv_int(const uint8_t *w, long ldw, const uint16_t *s, long lds, lo
     }
     for (long n = n0; n < n1; n++)
         for (long b = 0; b < B; b++)
-            y[b * ldy + n] = bits == 8 ? row_int8((const int8_t *)w + n * ldw, s + n * lds, group, round, x + b * ldx, K)
-                                       : row_int4(w + n * ldw, s + n * lds, group, round, split + b * 2 * half,
+            y[b * ldy + n] = bits == 8 ? row_int8((const int8_t *)w + n * ldw, s + n * lds, group, x + b * ldx, K)
+                                       : row_int4(w + n * ldw, s + n * lds, group, split + b * 2 * half,
                                                   split + b * 2 * half + half, K);
     free(split);
     return 1;

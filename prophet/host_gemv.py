@@ -71,7 +71,7 @@ def library() -> ctypes.CDLL | None:
     lib.prophet_gemv_bf16.restype = None
     lib.prophet_widen_bf16.argtypes = [_P, _P, _L]
     lib.prophet_widen_bf16.restype = None
-    lib.prophet_gemv_int.argtypes = [_P, _L, _P, _L, _L, ctypes.c_int, ctypes.c_int, _P, _L, _P, _L, _L, _L, _L, _L]
+    lib.prophet_gemv_int.argtypes = [_P, _L, _P, _L, _L, ctypes.c_int, _P, _L, _P, _L, _L, _L, _L, _L]
     lib.prophet_gemv_int.restype = ctypes.c_int
     lib.prophet_read_f32.argtypes = [_P, _L]
     lib.prophet_read_f32.restype = ctypes.c_double
@@ -91,22 +91,17 @@ def gemv_rows(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n0: int, n1: in
                           x.shape[0], w.shape[1], n0, n1)
 
 
-# how the reference rounds each dequantized weight: to the compute dtype (`HostStore.read_canonical`)
-ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def gemv_int_rows(values: torch.Tensor, scales: torch.Tensor, group: int, bits: int, dtype: torch.dtype,
-                  x: torch.Tensor, y: torch.Tensor, n0: int, n1: int) -> None:
+def gemv_int_rows(values: torch.Tensor, scales: torch.Tensor, group: int, bits: int, x: torch.Tensor,
+                  y: torch.Tensor, n0: int, n1: int) -> None:
     """``y[:, n0:n1] = x @ w[n0:n1].T`` for group-quantized ``w [N, K]`` (`prophet.formats` int8/int4: ``values``
     int8 ``[N, K]`` or packed uint8 ``[N, ceil(K/2)]``, fp16 ``scales [N, ceil(K/group)]``, rows contiguous),
-    each weight dequantized and rounded to ``dtype`` as the reference does; fp32 ``x [B, K]``, ``y [B, N]``.
-    Releases the GIL while it runs."""
+    ``w`` as `prophet.formats.dequantize` gives it (fp32, not rounded to a compute dtype); fp32 ``x [B, K]``,
+    ``y [B, N]``. Releases the GIL while it runs."""
     lib = library()
     assert lib is not None, "call available() first"
     k = x.shape[1]
     if not lib.prophet_gemv_int(values.data_ptr(), values.stride(0), scales.data_ptr(), scales.stride(0), group,
-                                bits, ROUNDING[dtype], x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
-                                x.shape[0], k, n0, n1):
+                                bits, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], k, n0, n1):
         raise MemoryError(f"host int{bits} kernel: no memory for {x.shape[0]} tokens of {k} values")
 
 
