@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,8 @@ from prophet.errors import ConfigError, DtypeError
 from prophet.formats import ExpertFormat
 from prophet.store import HostStore
 
-INT_MAX_TOKENS = 8  # the integer kernel dequantizes per token: past a few tokens, dequantize once + matmul wins
+INT_MAX_TOKENS = 32  # the integer kernel's time grows with tokens (it dequantizes per token), the reference path's
+# hardly: at 1 token the kernel is ~50x faster (experiments/results/host_experts_bench.json), at 32 still faster
 GEMV_MAX_TOKENS = 32  # the kernel re-widens weights per token pair; past this, widened tiles + torch matmul win (measured: the kernel is 1.5-3.6x faster up to 32 tokens)
 TILE_ELEMENTS = 1 << 18  # weights widened to fp32 per tile (1 MiB: stays in L2)
 ROW_ALIGN = 16  # thread row ranges start on multiples of this (whole cache lines of bf16 rows' starts)
@@ -62,13 +64,29 @@ class IntWeight:
         return self.values.shape[0]
 
 
+def physical_cores(cpus: set[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Distinct physical cores among logical ``cpus`` (Linux sysfs topology; ``len(cpus)`` where it is missing):
+    two SMT threads of one core share its load ports, so the second adds compute but no read bandwidth."""
+    cores = set()
+    for cpu in cpus:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return len(cores) or len(cpus)
+
+
 def default_threads() -> int:
-    """``PROPHET_HOST_THREADS``, else the usable CPUs minus one (the Python thread that drives the GPU)."""
+    """``PROPHET_HOST_THREADS``, else the physical cores this process may run on (its affinity) minus one, for
+    the Python thread that drives the GPU."""
     given = envs.host_threads()
     if given is not None:
         return given
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, usable - 1)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, physical_cores(os.sched_getaffinity(0)) - 1)
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 @dataclass(frozen=True)

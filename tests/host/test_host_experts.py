@@ -15,7 +15,7 @@ from prophet.formats import (
     quantize,
     weight_format,
 )
-from prophet.host_experts import HostExperts, HostJob, jobs_for
+from prophet.host_experts import HostExperts, HostJob, jobs_for, physical_cores
 from prophet.store import HostStore
 
 FORMATS = [
@@ -198,3 +198,14 @@ def test_bad_input_raises() -> None:
         HostExperts(store, threads=0)
     with HostExperts(store, threads=1) as host, pytest.raises(ConfigError, match="CPU"):
         host.submit(0, torch.zeros(1, 64, device="meta"), [])
+
+
+def test_physical_cores_count_smt_siblings_once(tmp_path) -> None:
+    for cpu, core in enumerate([0, 1, 0, 1]):  # two cores, two SMT threads each
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    assert physical_cores({0, 1, 2, 3}, tmp_path) == 2
+    assert physical_cores({0, 2}, tmp_path) == 1  # affinity to one core's two threads
+    assert physical_cores({0, 5}, tmp_path) == 2  # no topology for cpu5: count logical CPUs
