@@ -15,12 +15,12 @@ down projection), ``y = w2 a + b2`` in fp32. Matrix products (`host_linear`):
         over the threads (weights stream from DRAM once, at the read bandwidth)
     bf16/fp16, more tokens: row tiles widened to fp32 and multiplied by torch (compute-bound there anyway)
     fp32: torch's fp32 matmul, rows split over the threads
-    int8/int4 group-quantized stores, up to ``INT_MAX_TOKENS`` tokens, kernel built:
-        `prophet.host_gemv.gemv_int_rows` reads the stored bytes (values + fp16 group scales, `IntWeight`) and
-        dequantizes in registers to fp32 weights exactly as `prophet.formats.dequantize` gives them; the paths
-        below (and the device kernels) round them to the compute dtype first, so in bf16 this one is the closer
-        to the quantized weights, by at most that rounding
-    fp8/mxfp4 stores (or no kernel): each expert dequantized by the format's reference
+    int8/int4 group-quantized and fp8 stores, up to ``QUANT_MAX_TOKENS`` tokens, kernel built:
+        `prophet.host_gemv.gemv_int_rows` / `gemv_fp8_rows` read the stored bytes (values + scales,
+        `QuantWeight`) and dequantize in registers to fp32 weights exactly as `prophet.formats.dequantize` gives
+        them; the paths below (and the device kernels) round them to the compute dtype first, so in bf16 this one
+        is the closer to the quantized weights, by at most that rounding
+    mxfp4 stores (or no kernel): each expert dequantized by the format's reference
         (`HostStore.read_canonical`) to the compute dtype, then the dense path. Correct, but it reads and writes
         a dense copy: a kernel of the format's own would keep it at the memory's speed.
 """
@@ -43,19 +43,22 @@ from prophet.errors import ConfigError, DtypeError
 from prophet.formats import ExpertFormat
 from prophet.store import HostStore
 
-INT_MAX_TOKENS = 32  # the integer kernel's time grows with tokens (it dequantizes per token), the reference path's
-# hardly: at 1 token the kernel is ~50x faster (experiments/results/host_experts_bench.json), at 32 still faster
+QUANT_MAX_TOKENS = 32  # the quantized kernels' time grows with tokens (they dequantize per token), the reference
+# path's hardly: int8 at 1 token 100x faster, at 32 still 5x (experiments/results/host_experts_bench.json)
 GEMV_MAX_TOKENS = 32  # the kernel re-widens weights per token pair; past this, widened tiles + torch matmul win (measured: the kernel is 1.5-3.6x faster up to 32 tokens)
 TILE_ELEMENTS = 1 << 18  # weights widened to fp32 per tile (1 MiB: stays in L2)
 ROW_ALIGN = 16  # thread row ranges start on multiples of this (whole cache lines of bf16 rows' starts)
 
 @dataclass(frozen=True)
-class IntWeight:
-    """A group-quantized weight matrix ``[N, K]`` as stored (int8 ``[N, K]`` or int4 packed ``[N, ceil(K/2)]``
-    values, fp16 ``scales [N, ceil(K/group)]``), for the integer kernel."""
+class QuantWeight:
+    """A quantized weight matrix ``[N, K]`` as stored, for the host kernels: int8 ``[N, K]`` or int4 packed
+    ``[N, ceil(K/2)]`` values with fp16 ``scales [N, ceil(K/group)]`` (``kind`` "int"), or e4m3 ``[N, K]`` values
+    with fp32 scales per ``block_rows x group`` block (``kind`` "fp8")."""
 
+    kind: str
     values: torch.Tensor
     scales: torch.Tensor
+    block_rows: int
     group: int
     bits: int
 
@@ -153,7 +156,7 @@ class HostExperts:
         self.store = store
         self.kernel = use_kernel and host_gemv.available()
         weights = store.weights
-        self.int_kernel = self.kernel and weights.kind == "int" and weights.block_rows == 1
+        self.quant_kernel = self.kernel and (weights.kind == "fp8" or (weights.kind == "int" and weights.block_rows == 1))
         self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="prophet-host")
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="prophet-host-driver")  # orders layer jobs
         self._local = threading.local()  # per-thread fp32 tile for widened weights
@@ -192,9 +195,9 @@ class HostExperts:
     def expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on ``x [n, H]`` fp32 -> ``[n, H]`` fp32."""
         fmt: ExpertFormat = self.store.fmt
-        if self.int_kernel and x.shape[0] <= INT_MAX_TOKENS:  # the stored bytes themselves; biases are stored in the compute dtype
+        if self.quant_kernel and x.shape[0] <= QUANT_MAX_TOKENS:  # the stored bytes; biases are in the compute dtype
             t = self._stored(layer, expert)
-            w1, w2 = self._int_weight(t, "w1"), self._int_weight(t, "w2")
+            w1, w2 = self._quant_weight(t, "w1"), self._quant_weight(t, "w2")
         else:  # dense: the stored views; other formats: dequantized by their reference
             t = self.store.read_canonical(layer, expert) if self.store.weights.quantized else self._stored(layer, expert)
             w1, w2 = t["w1"], t["w2"]
@@ -216,19 +219,22 @@ class HostExperts:
             views = self._fields[key] = self.store.read(layer, expert)
         return views
 
-    def _int_weight(self, t: dict[str, torch.Tensor], name: str) -> IntWeight:
+    def _quant_weight(self, t: dict[str, torch.Tensor], name: str) -> QuantWeight:
         weights = self.store.weights
-        group = weights.block(*self.store.fmt.shapes[name])[1]
-        return IntWeight(t[name], t[f"{name}_scale"], group, int(weights.value_bits))
+        block_rows, group = weights.block(*self.store.fmt.shapes[name])
+        return QuantWeight(weights.kind, t[name], t[f"{name}_scale"], block_rows, group, int(weights.value_bits))
 
     # ---- matrix products -----------------------------------------------------------------------------
-    def linear(self, w: torch.Tensor | IntWeight, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, w: torch.Tensor | QuantWeight, x: torch.Tensor) -> torch.Tensor:
         """``x [B, K] fp32 @ w [N, K].T -> [B, N] fp32``, output rows split over the worker threads."""
         x = x.contiguous()
-        rows = w.rows if isinstance(w, IntWeight) else w.shape[0]
+        rows = w.values.shape[0] if isinstance(w, QuantWeight) else w.shape[0]
         y = torch.empty((x.shape[0], rows), dtype=torch.float32)
-        if isinstance(w, IntWeight):
-            part: Callable[[int, int], None] = lambda a, b: host_gemv.gemv_int_rows(  # noqa: E731
+        if isinstance(w, QuantWeight) and w.kind == "fp8":
+            part: Callable[[int, int], None] = lambda a, b: host_gemv.gemv_fp8_rows(  # noqa: E731
+                w.values, w.scales, w.block_rows, w.group, x, y, a, b)
+        elif isinstance(w, QuantWeight):
+            part = lambda a, b: host_gemv.gemv_int_rows(  # noqa: E731
                 w.values, w.scales, w.group, w.bits, x, y, a, b)
         elif w.dtype == torch.bfloat16 and self.kernel and x.shape[0] <= GEMV_MAX_TOKENS and w.stride(1) == 1:
             part = lambda a, b: host_gemv.gemv_rows(w, x, y, a, b)  # noqa: E731

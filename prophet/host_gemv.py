@@ -1,5 +1,5 @@
-"""The host's GEMV kernels (``host_gemv.c``: bf16 and int8/int4 group-quantized weights), compiled on first use
-and called through ctypes.
+"""The host's GEMV kernels (``host_gemv.c``: bf16, int8/int4 group-quantized and fp8 e4m3 weights), compiled on
+first use and called through ctypes.
 
 torch's own bf16 matrix-vector product reaches about 0.55 of the host's read bandwidth on CPUs without native
 bf16 instructions, and converting tiles to fp32 first is slower still; the small AVX2 kernel widens bf16 to fp32
@@ -73,6 +73,8 @@ def library() -> ctypes.CDLL | None:
     lib.prophet_widen_bf16.restype = None
     lib.prophet_gemv_int.argtypes = [_P, _L, _P, _L, _L, ctypes.c_int, _P, _L, _P, _L, _L, _L, _L, _L]
     lib.prophet_gemv_int.restype = ctypes.c_int
+    lib.prophet_gemv_fp8.argtypes = [_P, _L, _P, _L, _L, _L, _P, _L, _P, _L, _L, _L, _L, _L]
+    lib.prophet_gemv_fp8.restype = None
     lib.prophet_read_f32.argtypes = [_P, _L]
     lib.prophet_read_f32.restype = ctypes.c_double
     return lib
@@ -103,6 +105,17 @@ def gemv_int_rows(values: torch.Tensor, scales: torch.Tensor, group: int, bits: 
     if not lib.prophet_gemv_int(values.data_ptr(), values.stride(0), scales.data_ptr(), scales.stride(0), group,
                                 bits, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], k, n0, n1):
         raise MemoryError(f"host int{bits} kernel: no memory for {x.shape[0]} tokens of {k} values")
+
+
+def gemv_fp8_rows(values: torch.Tensor, scales: torch.Tensor, block_rows: int, group: int, x: torch.Tensor,
+                  y: torch.Tensor, n0: int, n1: int) -> None:
+    """``y[:, n0:n1] = x @ w[n0:n1].T`` for fp8 ``w [N, K]`` (`prophet.formats` fp8: e4m3fn ``values [N, K]``,
+    fp32 ``scales`` one per ``block_rows x group`` block, rows contiguous), ``w`` as `prophet.formats.dequantize`
+    gives it; fp32 ``x [B, K]``, ``y [B, N]``. Releases the GIL while it runs."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    lib.prophet_gemv_fp8(values.data_ptr(), values.stride(0), scales.data_ptr(), scales.stride(0), block_rows, group,
+                         x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1], n0, n1)
 
 
 def widen(src: torch.Tensor, dst: torch.Tensor) -> None:

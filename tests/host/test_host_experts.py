@@ -149,11 +149,34 @@ def test_int_kernel_equals_dequantize_then_matmul(bits: int, shape: tuple[int, i
         assert y2[:, 0].isnan().all() and y2[:, -1].isnan().all()
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.skipif(not host_gemv.available(), reason="host GEMV kernel not built here")
+@pytest.mark.parametrize("name", ["fp8", "fp8-channel", "fp8-tensor"])
+@pytest.mark.parametrize("shape", [(300, 260), (5, 37), (130, 8)])
+def test_fp8_kernel_equals_dequantize_then_matmul(name: str, shape: tuple[int, int]) -> None:
+    """e4m3 rows (every code: subnormals, zero, both signs) with per-tensor, per-row and 128x128 block scales
+    (block tails in both dims) against the reference `dequantize` then an fp64 product; 1 and 3 tokens."""
+    n, k = shape
+    wf = weight_format(name)
+    gen = torch.Generator().manual_seed(n * k + len(name))
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-4, 0, k)  # small values: subnormal codes too
+    values, scales = quantize(wf, w)
+    if n * k >= 256:  # every code but the two NaNs
+        codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+        values.view(torch.uint8).view(-1)[: len(codes)] = codes
+    ref = dequantize(wf, values, scales, shape).double()
+    block_rows, group = wf.block(n, k)
+    for tokens in (1, 3):
+        x = torch.randn(tokens, k, generator=gen)
+        y = torch.full((tokens, n), float("nan"))
+        host_gemv.gemv_fp8_rows(values, scales, block_rows, group, x, y, 0, n)
+        torch.testing.assert_close(y.double(), x.double() @ ref.T, atol=1e-5 * k**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8", "fp8-channel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_int_store_host_experts_against_reference(weights: str, dtype: torch.dtype, tokens: int) -> None:
-    """A whole layer from an int store through the integer kernel (biases, gpt_oss activation, odd sizes):
+def test_quant_store_host_experts_against_reference(weights: str, dtype: torch.dtype, tokens: int) -> None:
+    """A whole layer from an int8/int4/fp8 store through its kernel (biases, gpt_oss activation, odd sizes):
     equal to the dequantize reference in fp32; in bf16 no further from the fp64 product of the quantized
     weights than the path that dequantizes to bf16 first (the fallback, and the device kernels)."""
     fmt = FORMATS[2] if tokens == 1 else FORMATS[1]
@@ -164,7 +187,7 @@ def test_int_store_host_experts_against_reference(weights: str, dtype: torch.dty
     experts = [0, 2, 3]
     jobs = jobs_for(idx, w, experts)
     with HostExperts(store, threads=2) as host, HostExperts(store, threads=1, use_kernel=False) as fallback:
-        assert host.int_kernel == host_gemv.available() and not fallback.int_kernel
+        assert host.quant_kernel == host_gemv.available() and not fallback.quant_kernel
         out = host.submit(0, x, jobs).result().out
         rounded = fallback.submit(0, x, jobs).result().out
     ref = torch.zeros(x.shape, dtype=torch.float64)  # fp64 product of the quantized weights (not rounded)
