@@ -236,25 +236,57 @@ static inline __m256 int8x8(const int8_t *q) { /* 8 int8 -> fp32 */
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
 }
 
-/* one int8 row . one token */
-static float row_int8(const int8_t *q, const uint16_t *s, long group, const float *x, long K) {
+/* ---- fp8 e4m3 weights ---------------------------------------------------------------------------------------
+ *
+ * y[b, n] = sum_k v[n, k] * s[n / block_rows, k / group] * x[b, k], v e4m3fn codes (row stride ldw bytes), s fp32
+ * scale_inv (row stride lds): per tensor (block_rows >= N, group >= K), per row (1, K) or per 128 x 128 block.
+ * Codes are decoded exactly from their bits (sign, 4 exponent bits with bias 7, 3 mantissa bits; exponent 0 is
+ * subnormal, m x 2^-9); NaN codes (0x7f, 0xff) are not decoded as NaN: the quantizer clamps to +-448 and never
+ * writes them. Each block's sum is scaled once, as for the integers.
+ */
+static inline __m256 fp8x8(const uint8_t *q) { /* 8 e4m3fn codes -> fp32 */
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    __m256i em = _mm256_and_si256(v, _mm256_set1_epi32(0x7f));
+    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
+    /* normal: exponent e + 120 (= e - 7 + 127) and the mantissa's 3 bits on top of fp32's 23 */
+    __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23)));
+    __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(1.0f / 512));
+    __m256 small = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em));
+    return _mm256_or_ps(_mm256_blendv_ps(normal, subnormal, small), _mm256_castsi256_ps(sign));
+}
+
+static inline float fp8_1(uint8_t c) {
+    int em = c & 0x7f;
+    union { uint32_t u; float f; } n = { ((uint32_t)em << 20) + (120u << 23) };
+    float m = em < 8 ? (float)em / 512 : n.f;
+    return c & 0x80 ? -m : m;
+}
+
+enum { INT8, FP8 }; /* one byte a weight */
+
+/* One row of one-byte weights . one token: each group of `group` columns summed in fp32 (four chains), then
+ * scaled once by its scale (fp16 for INT8, fp32 for FP8; `kind` is a constant at every call, so the compiler
+ * makes one loop per kind). */
+static inline float row_bytes(int kind, const uint8_t *q, const void *s, long group, const float *x, long K) {
+#define DECODE8(p) (kind == INT8 ? int8x8((const int8_t *)(p)) : fp8x8(p))
     __m256 total = _mm256_setzero_ps();
     float tail = 0;
     for (long g0 = 0; g0 < K; g0 += group) {
         long g1 = g0 + group < K ? g0 + group : K, k = g0;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (; k + 32 <= g1; k += 32) {
-            a0 = _mm256_fmadd_ps(int8x8(q + k), _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(int8x8(q + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-            a2 = _mm256_fmadd_ps(int8x8(q + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-            a3 = _mm256_fmadd_ps(int8x8(q + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+            a0 = _mm256_fmadd_ps(DECODE8(q + k), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(DECODE8(q + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(DECODE8(q + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(DECODE8(q + k + 24), _mm256_loadu_ps(x + k + 24), a3);
         }
-        for (; k + 8 <= g1; k += 8) a0 = _mm256_fmadd_ps(int8x8(q + k), _mm256_loadu_ps(x + k), a0);
-        float sf = half1(s[g0 / group]), rest = 0;
-        for (; k < g1; k++) rest += (float)q[k] * x[k];
+        for (; k + 8 <= g1; k += 8) a0 = _mm256_fmadd_ps(DECODE8(q + k), _mm256_loadu_ps(x + k), a0);
+        float sf = kind == INT8 ? half1(((const uint16_t *)s)[g0 / group]) : ((const float *)s)[g0 / group], rest = 0;
+        for (; k < g1; k++) rest += (kind == INT8 ? (float)(int8_t)q[k] : fp8_1(q[k])) * x[k];
         total = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), _mm256_set1_ps(sf), total);
         tail += rest * sf;
     }
+#undef DECODE8
     return hsum(total) + tail;
 }
 
@@ -303,63 +335,16 @@ int prophet_gemv_int(const uint8_t *w, long ldw, const uint16_t *s, long lds, lo
     }
     for (long n = n0; n < n1; n++)
         for (long b = 0; b < B; b++)
-            y[b * ldy + n] = bits == 8 ? row_int8((const int8_t *)w + n * ldw, s + n * lds, group, x + b * ldx, K)
+            y[b * ldy + n] = bits == 8 ? row_bytes(INT8, w + n * ldw, s + n * lds, group, x + b * ldx, K)
                                        : row_int4(w + n * ldw, s + n * lds, group, split + b * 2 * half,
                                                   split + b * 2 * half + half, K);
     free(split);
     return 1;
 }
 
-/* ---- fp8 e4m3 weights ---------------------------------------------------------------------------------------
- *
- * y[b, n] = sum_k v[n, k] * s[n / block_rows, k / group] * x[b, k], v e4m3fn codes (row stride ldw bytes), s fp32
- * scale_inv (row stride lds): per tensor (block_rows >= N, group >= K), per row (1, K) or per 128 x 128 block.
- * Codes are decoded exactly from their bits (sign, 4 exponent bits with bias 7, 3 mantissa bits; exponent 0 is
- * subnormal, m x 2^-9); NaN codes (0x7f, 0xff) are not decoded as NaN: the quantizer clamps to +-448 and never
- * writes them. Each block's sum is scaled once, as for the integers.
- */
-static inline __m256 fp8x8(const uint8_t *q) { /* 8 e4m3fn codes -> fp32 */
-    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
-    __m256i em = _mm256_and_si256(v, _mm256_set1_epi32(0x7f));
-    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
-    /* normal: exponent e + 120 (= e - 7 + 127) and the mantissa's 3 bits on top of fp32's 23 */
-    __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23)));
-    __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(1.0f / 512));
-    __m256 small = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em));
-    return _mm256_or_ps(_mm256_blendv_ps(normal, subnormal, small), _mm256_castsi256_ps(sign));
-}
-
-static inline float fp8_1(uint8_t c) {
-    int em = c & 0x7f;
-    union { uint32_t u; float f; } n = { ((uint32_t)em << 20) + (120u << 23) };
-    float m = em < 8 ? (float)em / 512 : n.f;
-    return c & 0x80 ? -m : m;
-}
-
-static float row_fp8(const uint8_t *q, const float *s, long group, const float *x, long K) {
-    __m256 total = _mm256_setzero_ps();
-    float tail = 0;
-    for (long g0 = 0; g0 < K; g0 += group) {
-        long g1 = g0 + group < K ? g0 + group : K, k = g0;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (; k + 32 <= g1; k += 32) {
-            a0 = _mm256_fmadd_ps(fp8x8(q + k), _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(fp8x8(q + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-            a2 = _mm256_fmadd_ps(fp8x8(q + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-            a3 = _mm256_fmadd_ps(fp8x8(q + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-        }
-        for (; k + 8 <= g1; k += 8) a0 = _mm256_fmadd_ps(fp8x8(q + k), _mm256_loadu_ps(x + k), a0);
-        float sf = s[g0 / group], rest = 0;
-        for (; k < g1; k++) rest += fp8_1(q[k]) * x[k];
-        total = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), _mm256_set1_ps(sf), total);
-        tail += rest * sf;
-    }
-    return hsum(total) + tail;
-}
-
 void prophet_gemv_fp8(const uint8_t *w, long ldw, const float *s, long lds, long block_rows, long group,
                       const float *x, long ldx, float *y, long ldy, long B, long K, long n0, long n1) {
     for (long n = n0; n < n1; n++)
         for (long b = 0; b < B; b++)
-            y[b * ldy + n] = row_fp8(w + n * ldw, s + (n / block_rows) * lds, group, x + b * ldx, K);
+            y[b * ldy + n] = row_bytes(FP8, w + n * ldw, s + (n / block_rows) * lds, group, x + b * ldx, K);
 }
