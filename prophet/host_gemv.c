@@ -1,4 +1,5 @@
-/* bf16 weights x fp32 tokens on the host CPU (AVX2 + FMA), for experts computed where their weights are.
+/* Expert weights x fp32 tokens on the host CPU (AVX2 + FMA + F16C), for experts computed where their weights
+ * are: bf16 here; group-quantized int8/int4 and fp8 e4m3 further down (each read from its stored bytes).
  *
  * y[b, n] = sum_k w[n, k] * x[b, k]   for rows n in [n0, n1), tokens b in [0, B)
  *
