@@ -15,10 +15,14 @@ down projection), ``y = w2 a + b2`` in fp32. Matrix products (`host_linear`):
         over the threads (weights stream from DRAM once, at the read bandwidth)
     bf16/fp16, more tokens: row tiles widened to fp32 and multiplied by torch (compute-bound there anyway)
     fp32: torch's fp32 matmul, rows split over the threads
-    quantized stores (`prophet.formats`: int8/int4/fp8/mxfp4): each expert dequantized by the format's
-        reference (`HostStore.read_canonical`) to the compute dtype, then the dense path. Correct for every
-        format, but it reads and writes a dense copy: a format's own host kernel (reading its bytes in
-        `host_linear`'s place) is what would keep it at the memory's speed.
+    int8/int4 group-quantized and fp8 stores, up to ``QUANT_MAX_TOKENS`` tokens, kernel built:
+        `prophet.host_gemv.gemv_int_rows` / `gemv_fp8_rows` read the stored bytes (values + scales,
+        `QuantWeight`) and dequantize in registers to fp32 weights exactly as `prophet.formats.dequantize` gives
+        them; the paths below (and the device kernels) round them to the compute dtype first, so in bf16 this one
+        is the closer to the quantized weights, by at most that rounding
+    mxfp4 stores (or no kernel): each expert dequantized by the format's reference
+        (`HostStore.read_canonical`) to the compute dtype, then the dense path. Correct, but it reads and writes
+        a dense copy: a kernel of the format's own would keep it at the memory's speed.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +43,53 @@ from prophet.errors import ConfigError, DtypeError
 from prophet.formats import ExpertFormat
 from prophet.store import HostStore
 
+QUANT_MAX_TOKENS = 32  # the quantized kernels' time grows with tokens (they dequantize per token), the reference
+# path's hardly: int8 at 1 token 100x faster, at 32 still 5x (experiments/results/host_experts_bench.json)
 GEMV_MAX_TOKENS = 32  # the kernel re-widens weights per token pair; past this, widened tiles + torch matmul win (measured: the kernel is 1.5-3.6x faster up to 32 tokens)
 TILE_ELEMENTS = 1 << 18  # weights widened to fp32 per tile (1 MiB: stays in L2)
 ROW_ALIGN = 16  # thread row ranges start on multiples of this (whole cache lines of bf16 rows' starts)
 
+@dataclass(frozen=True)
+class QuantWeight:
+    """A quantized weight matrix ``[N, K]`` as stored, for the host kernels: int8 ``[N, K]`` or int4 packed
+    ``[N, ceil(K/2)]`` values with fp16 ``scales [N, ceil(K/group)]`` (``kind`` "int"), or e4m3 ``[N, K]`` values
+    with fp32 scales per ``block_rows x group`` block (``kind`` "fp8")."""
+
+    kind: str
+    values: torch.Tensor
+    scales: torch.Tensor
+    block_rows: int
+    group: int
+    bits: int
+
+    @property
+    def rows(self) -> int:
+        return self.values.shape[0]
+
+
+def physical_cores(cpus: set[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Distinct physical cores among logical ``cpus`` (Linux sysfs topology; ``len(cpus)`` where it is missing):
+    two SMT threads of one core share its load ports, so the second adds compute but no read bandwidth."""
+    cores = set()
+    for cpu in cpus:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return len(cores) or len(cpus)
+
+
 def default_threads() -> int:
-    """``PROPHET_HOST_THREADS``, else the usable CPUs minus one (the Python thread that drives the GPU)."""
+    """``PROPHET_HOST_THREADS``, else the physical cores this process may run on (its affinity) minus one, for
+    the Python thread that drives the GPU."""
     given = envs.host_threads()
     if given is not None:
         return given
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, usable - 1)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, physical_cores(os.sched_getaffinity(0)) - 1)
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 @dataclass(frozen=True)
@@ -114,9 +155,12 @@ class HostExperts:
                              "them as bf16, fp16, fp32, int8, int4, fp8 or mxfp4")
         self.store = store
         self.kernel = use_kernel and host_gemv.available()
+        weights = store.weights
+        self.quant_kernel = self.kernel and (weights.kind == "fp8" or (weights.kind == "int" and weights.block_rows == 1))
         self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="prophet-host")
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="prophet-host-driver")  # orders layer jobs
         self._local = threading.local()  # per-thread fp32 tile for widened weights
+        self._fields: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # slab views, made once per expert
 
     def __enter__(self) -> HostExperts:
         return self
@@ -150,30 +194,56 @@ class HostExperts:
 
     def expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on ``x [n, H]`` fp32 -> ``[n, H]`` fp32."""
-        t = self.store.read_canonical(layer, expert)
         fmt: ExpertFormat = self.store.fmt
-        h = self.linear(t["w1"], x)  # [n, N1]
+        if self.quant_kernel and x.shape[0] <= QUANT_MAX_TOKENS:  # the stored bytes; biases are in the compute dtype
+            t = self._stored(layer, expert)
+            w1, w2 = self._quant_weight(t, "w1"), self._quant_weight(t, "w2")
+        else:  # dense: the stored views; other formats: dequantized by their reference
+            t = self.store.read_canonical(layer, expert) if self.store.weights.quantized else self._stored(layer, expert)
+            w1, w2 = t["w1"], t["w2"]
+        h = self.linear(w1, x)  # [n, N1]
         if fmt.has_bias:
             h += t["b1"].float()
-        act = _activate(fmt, h).to(t["w2"].dtype).float()  # rounded like the eager model's down input
-        y = self.linear(t["w2"], act)  # [n, H]
+        act = _activate(fmt, h).to(self.store.compute_dtype).float()  # rounded like the eager model's down input
+        y = self.linear(w2, act)  # [n, H]
         if fmt.has_bias:
             y += t["b2"].float()
         return y
 
+    def _stored(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Views of one expert's stored fields, made on first use: a decode step's torch calls between kernel
+        calls each cost 50-250 us once the weights streamed through have evicted the interpreter's data."""
+        key = (layer, expert)
+        views = self._fields.get(key)
+        if views is None:
+            views = self._fields[key] = self.store.read(layer, expert)
+        return views
+
+    def _quant_weight(self, t: dict[str, torch.Tensor], name: str) -> QuantWeight:
+        weights = self.store.weights
+        block_rows, group = weights.block(*self.store.fmt.shapes[name])
+        return QuantWeight(weights.kind, t[name], t[f"{name}_scale"], block_rows, group, int(weights.value_bits))
+
     # ---- matrix products -----------------------------------------------------------------------------
-    def linear(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, w: torch.Tensor | QuantWeight, x: torch.Tensor) -> torch.Tensor:
         """``x [B, K] fp32 @ w [N, K].T -> [B, N] fp32``, output rows split over the worker threads."""
         x = x.contiguous()
-        y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
-        if w.dtype == torch.bfloat16 and self.kernel and x.shape[0] <= GEMV_MAX_TOKENS and w.stride(1) == 1:
-            part: Callable[[int, int], None] = lambda a, b: host_gemv.gemv_rows(w, x, y, a, b)  # noqa: E731
+        rows = w.values.shape[0] if isinstance(w, QuantWeight) else w.shape[0]
+        y = torch.empty((x.shape[0], rows), dtype=torch.float32)
+        if isinstance(w, QuantWeight) and w.kind == "fp8":
+            part: Callable[[int, int], None] = lambda a, b: host_gemv.gemv_fp8_rows(  # noqa: E731
+                w.values, w.scales, w.block_rows, w.group, x, y, a, b)
+        elif isinstance(w, QuantWeight):
+            part = lambda a, b: host_gemv.gemv_int_rows(  # noqa: E731
+                w.values, w.scales, w.group, w.bits, x, y, a, b)
+        elif w.dtype == torch.bfloat16 and self.kernel and x.shape[0] <= GEMV_MAX_TOKENS and w.stride(1) == 1:
+            part = lambda a, b: host_gemv.gemv_rows(w, x, y, a, b)  # noqa: E731
         elif w.dtype == torch.float32:
             part = lambda a, b: torch.mm(x, w[a:b].T, out=y[:, a:b]) if x.shape[0] > 1 else y[:, a:b].copy_(  # noqa: E731
                 F.linear(x, w[a:b]))
         else:
             part = lambda a, b: self._widened(w, x, y, a, b)  # noqa: E731
-        ranges = _split(w.shape[0], self.threads)
+        ranges = _split(rows, self.threads)
         futures = [self._workers.submit(part, a, b) for a, b in ranges[1:]]
         part(*ranges[0])  # the calling thread takes the first range
         for f in futures:

@@ -1,4 +1,5 @@
-"""The host's bf16 GEMV kernel (``host_gemv.c``), compiled on first use and called through ctypes.
+"""The host's GEMV kernels (``host_gemv.c``: bf16, int8/int4 group-quantized and fp8 e4m3 weights), compiled on
+first use and called through ctypes.
 
 torch's own bf16 matrix-vector product reaches about 0.55 of the host's read bandwidth on CPUs without native
 bf16 instructions, and converting tiles to fp32 first is slower still; the small AVX2 kernel widens bf16 to fp32
@@ -29,6 +30,7 @@ from prophet import envs
 logger = logging.getLogger(__name__)
 
 _P, _L = ctypes.c_void_p, ctypes.c_long
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]  # every AVX2 CPU has FMA and F16C
 
 
 def _cpu_has_avx2() -> bool:
@@ -43,7 +45,7 @@ def _compile(source: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, out = Path(tmp) / "host_gemv.c", Path(tmp) / target.name
         src.write_text(source)
-        cmd = [compiler, "-O3", "-mavx2", "-mfma", "-shared", "-fPIC", str(src), "-o", str(out)]
+        cmd = [compiler, *FLAGS, str(src), "-o", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(out, target)  # atomic: concurrent processes never load a half-written library
 
@@ -55,7 +57,7 @@ def library() -> ctypes.CDLL | None:
         logger.info("host GEMV kernel off: the CPU lacks AVX2/FMA; host experts use torch")
         return None
     source = resources.files("prophet").joinpath("host_gemv.c").read_text()
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(" ".join([source, *FLAGS]).encode()).hexdigest()[:16]
     target = envs.cache_dir() / f"host_gemv-{digest}.so"
     try:
         if not target.exists():
@@ -69,6 +71,10 @@ def library() -> ctypes.CDLL | None:
     lib.prophet_gemv_bf16.restype = None
     lib.prophet_widen_bf16.argtypes = [_P, _P, _L]
     lib.prophet_widen_bf16.restype = None
+    lib.prophet_gemv_int.argtypes = [_P, _L, _P, _L, _L, ctypes.c_int, _P, _L, _P, _L, _L, _L, _L, _L]
+    lib.prophet_gemv_int.restype = ctypes.c_int
+    lib.prophet_gemv_fp8.argtypes = [_P, _L, _P, _L, _L, _L, _P, _L, _P, _L, _L, _L, _L, _L]
+    lib.prophet_gemv_fp8.restype = None
     lib.prophet_read_f32.argtypes = [_P, _L]
     lib.prophet_read_f32.restype = ctypes.c_double
     return lib
@@ -85,6 +91,31 @@ def gemv_rows(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n0: int, n1: in
     assert lib is not None, "call available() first"
     lib.prophet_gemv_bf16(w.data_ptr(), w.stride(0), x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
                           x.shape[0], w.shape[1], n0, n1)
+
+
+def gemv_int_rows(values: torch.Tensor, scales: torch.Tensor, group: int, bits: int, x: torch.Tensor,
+                  y: torch.Tensor, n0: int, n1: int) -> None:
+    """``y[:, n0:n1] = x @ w[n0:n1].T`` for group-quantized ``w [N, K]`` (`prophet.formats` int8/int4: ``values``
+    int8 ``[N, K]`` or packed uint8 ``[N, ceil(K/2)]``, fp16 ``scales [N, ceil(K/group)]``, rows contiguous),
+    ``w`` as `prophet.formats.dequantize` gives it (fp32, not rounded to a compute dtype); fp32 ``x [B, K]``,
+    ``y [B, N]``. Releases the GIL while it runs."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    k = x.shape[1]
+    if not lib.prophet_gemv_int(values.data_ptr(), values.stride(0), scales.data_ptr(), scales.stride(0), group,
+                                bits, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], k, n0, n1):
+        raise MemoryError(f"host int{bits} kernel: no memory for {x.shape[0]} tokens of {k} values")
+
+
+def gemv_fp8_rows(values: torch.Tensor, scales: torch.Tensor, block_rows: int, group: int, x: torch.Tensor,
+                  y: torch.Tensor, n0: int, n1: int) -> None:
+    """``y[:, n0:n1] = x @ w[n0:n1].T`` for fp8 ``w [N, K]`` (`prophet.formats` fp8: e4m3fn ``values [N, K]``,
+    fp32 ``scales`` one per ``block_rows x group`` block, rows contiguous), ``w`` as `prophet.formats.dequantize`
+    gives it; fp32 ``x [B, K]``, ``y [B, N]``. Releases the GIL while it runs."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    lib.prophet_gemv_fp8(values.data_ptr(), values.stride(0), scales.data_ptr(), scales.stride(0), block_rows, group,
+                         x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1], n0, n1)
 
 
 def widen(src: torch.Tensor, dst: torch.Tensor) -> None:

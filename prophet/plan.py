@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -215,6 +216,7 @@ class Plan:
     expert_slots: int
     warnings: tuple[str, ...] = ()
     expert_dtype: str = ""  # how experts are stored when it differs from weight_dtype (e.g. "int4")
+    host: HostTerms | None = None  # what computing misses on the host needs (on_miss "auto" / "host")
 
     @property
     def workspace_bytes(self) -> int:
@@ -281,6 +283,8 @@ class Plan:
             ("free", gib(self.free_bytes)),
             ("all experts resident", "yes" if self.fits_all_resident else "no"),
         ]
+        if self.host is not None:
+            rows.append(("host (hybrid)", self.host.summary()))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
@@ -335,6 +339,9 @@ def plan(
     min_slots: int | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     expert_dtype: str | None = None,
+    on_miss: str = "copy",
+    host_threads: int | None = None,
+    hardware: Any = None,
 ) -> Plan:
     """Split ``gpu`` (bytes or a profile name) among resident weights, KV for ``batch x ctx``, workspace, slots.
 
@@ -343,6 +350,9 @@ def plan(
     ``min_slots`` expert slots (default ``top_k``: one token's experts of one layer must be resident together);
     with fewer, `PlanError` says what would fit (shorter context, fp8 KV, smaller batch, a bigger GPU).
     ``expert_dtype`` sizes the slots for quantized experts (see `ModelSizes.of_spec`).
+    With ``on_miss`` "auto" or "host" the plan also states what computing misses on the host needs (`HostTerms`,
+    from ``host_threads`` and the ``hardware`` profile, default the GPU's or `DEFAULT_GPU`'s): a warning when
+    it would not beat copying them, `PlanError` for "host", which never copies.
     """
     m = _sizes(model, weight_dtype, expert_dtype)
     gpu_name, gpu_bytes = resolve_gpu(gpu)
@@ -365,13 +375,87 @@ def plan(
             f"ctx={ctx} exceeds {m.name}'s trained context of {m.context_length} tokens: "
             "it needs RoPE scaling (e.g. YaRN) to stay accurate",
         )  # returned, not logged: a pure planner; its callers say it once (wrap logs it, the CLI prints it)
-    return Plan(
+    result = Plan(
         model=m.name, gpu=gpu_name, gpu_bytes=gpu_bytes, ctx=ctx, batch=batch,
         weight_dtype=dtype_name(m.weight_dtype), kv_dtype=dtype_name(kvdt), trained_context=m.context_length,
         non_expert_bytes=m.non_expert_bytes, kv_bytes=kv, workspace=ws, expert_bytes=one,
         num_moe_layers=m.num_moe_layers, experts_per_layer=m.num_experts, expert_slots=slots,
         warnings=warnings, expert_dtype=expert_dtype or "",
     )
+    if on_miss == "copy":
+        return result
+    if on_miss not in ("auto", "host"):
+        raise PlanError(f"on_miss={on_miss!r}: use 'copy', 'auto' or 'host'")
+    terms = host_terms(result, m.top_k, hardware if hardware is not None else (
+        gpu_name if gpu_name in gpu_profiles() else DEFAULT_GPU), host_threads)
+    if not terms.pays and on_miss == "host":
+        raise PlanError(f"on_miss='host' never copies, but {terms.verdict()}")
+    extra = () if terms.pays else (f"on_miss='auto' will mostly copy: {terms.verdict()}",)
+    return dataclasses.replace(result, host=terms, warnings=result.warnings + extra)
+
+
+# -- what hybrid execution needs of the host ------------------------------------------------------------------
+
+PER_THREAD_GB_S = 10.0  # streaming read of one host thread: 8-12 GB/s per core measured here (host_experts_bench)
+HOST_KERNEL_SHARE = 0.8  # share of the read bandwidth the host expert kernel streams at (issue 17 target)
+
+
+@dataclass(frozen=True)
+class HostTerms:
+    """What computing a plan's misses on the host needs, at batch 1 (decode): host threads and host memory
+    bandwidth, not device memory. Misses per token are estimated as if routing were uniform (a token's expert is
+    resident with the pool's share of all experts); skewed real routing and prefetch miss less."""
+
+    threads: int  # host threads that compute experts
+    host_gb_s: float  # the host's read bandwidth (profile or calibration)
+    usable_gb_s: float  # what ``threads`` can stream of it, at the kernel's share
+    misses_per_token: float  # experts not resident per decoded token, all MoE layers
+    expert_bytes: int
+    host_s_per_token: float  # those misses computed on the host: their bytes / usable bandwidth
+    copy_s_per_token: float  # the same misses copied over the link instead
+    needed_gb_s: float  # host bandwidth at which computing them takes as long as copying them
+    needed_threads: int  # threads that stream ``needed_gb_s``
+
+    @property
+    def pays(self) -> bool:
+        """Whether computing misses on the host is sooner than copying them."""
+        return self.misses_per_token == 0 or self.host_s_per_token < self.copy_s_per_token
+
+    @property
+    def bandwidth_share(self) -> float:
+        """Share of the host's read bandwidth that hybrid needs to beat copying."""
+        return self.needed_gb_s / self.host_gb_s
+
+    def summary(self) -> str:
+        return (f"{self.threads} threads, {self.misses_per_token:.1f} misses/token: {self.host_s_per_token * 1e3:.1f} "
+                f"ms/token on the host vs {self.copy_s_per_token * 1e3:.1f} copying; needs {self.needed_gb_s:.0f} "
+                f"GB/s ({self.bandwidth_share:.0%} of {self.host_gb_s:.0f}), {self.needed_threads} threads")
+
+    def verdict(self) -> str:
+        return (f"computing the misses on {self.threads} host threads takes {self.host_s_per_token * 1e3:.1f} ms "
+                f"per token against {self.copy_s_per_token * 1e3:.1f} ms copying them; it needs "
+                f"{self.needed_gb_s:.0f} GB/s of host bandwidth ({self.needed_threads} threads, host_threads=) "
+                f"where the host has {self.host_gb_s:.0f} GB/s; use on_miss='copy', or more host threads")
+
+
+def host_terms(p: Plan, top_k: int, hardware: Any, threads: int | None = None) -> HostTerms:
+    """`HostTerms` of plan ``p`` for a model routing ``top_k`` experts per token, on ``hardware`` (a
+    `prophet.hardware` profile or its name), with ``threads`` host threads (None: this host's default)."""
+    from prophet.hardware import get_profile
+    from prophet.host_experts import default_threads
+
+    hw = get_profile(hardware)
+    threads = default_threads() if threads is None else threads
+    if threads < 1:
+        raise PlanError(f"host_threads={threads}: give at least one host thread for on_miss 'auto' or 'host'")
+    misses = p.num_moe_layers * top_k * (1 - p.slots_share)
+    usable = min(hw.host_gb_s, threads * PER_THREAD_GB_S) * HOST_KERNEL_SHARE * 1e9
+    copy_s = misses * hw.copy_seconds(p.expert_bytes)
+    needed = p.expert_bytes / hw.copy_seconds(p.expert_bytes) / HOST_KERNEL_SHARE / 1e9  # GB/s read to keep up
+    return HostTerms(threads=threads, host_gb_s=hw.host_gb_s, usable_gb_s=usable / 1e9, misses_per_token=misses,
+                     expert_bytes=p.expert_bytes, host_s_per_token=misses * p.expert_bytes / usable,
+                     copy_s_per_token=copy_s, needed_gb_s=needed,
+                     needed_threads=max(1, math.ceil(needed / PER_THREAD_GB_S)))
 
 
 def _cannot_fit(m: ModelSizes, gpu_name: str, gpu_bytes: int, ctx: int, batch: int, kvdt: torch.dtype, workspace_bytes: int | None, prefill_chunk: int, min_slots: int,

@@ -17,7 +17,8 @@ rest, and are joined after the last wave. They count as misses and as host exper
 are then admitted into the cache by background copies (`admit`), with ``"host"`` never copied.
 
 Whatever is raised inside a step (an out-of-memory, a kernel error, KeyboardInterrupt) releases its pins,
-repairs the cache's maps and resets the predictor, so the next step works and computes the right answer.
+repairs the cache's maps, resets the predictor and waits for the step's host experts (an error of theirs is
+noted on the step's), so the next step works and computes the right answer.
 """
 
 from __future__ import annotations
@@ -109,10 +110,12 @@ class Step:
         missed experts may be computed on the host (`split`)."""
         cache = self.cache
         capacity = cache.capacity(layer)
+        pending = False  # host experts submitted and not yet joined
         try:
             offloaded = self.split(layer, ids, rows) if host is not None and self.misses is not None else {}
             if offloaded:
                 host.submit(list(offloaded), offloaded)
+                pending = True
                 ids = [e for e in ids if e not in offloaded]
             waves = max(1, -(-len(ids) // capacity))
             if not ids:
@@ -133,6 +136,7 @@ class Step:
                 if after is not None:
                     after(index, index == waves - 1)
             if offloaded:
+                pending = False  # a join that raises is the step's error, not joined again
                 host.join()
                 if self.misses.admit:
                     self.admit(layer, offloaded)
@@ -140,8 +144,14 @@ class Step:
                 self.predictor.observe(layer, rows, weights, hidden)
                 if self.prefetching:
                     self.prefetcher.submit(self.predictor.predict(), layer)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            if pending:  # the host threads must not run on into the next step; their own error is kept
+                try:
+                    host.join()  # type: ignore[union-attr]
+                except BaseException as host_exc:  # noqa: BLE001 - reported on the step's error
+                    note = f"the step's host experts failed too: {type(host_exc).__name__}: {host_exc}"
+                    exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # add_note, also on Python 3.10
             raise
 
     def split(self, layer: int, ids: Sequence[int], rows: Any) -> dict[int, int]:

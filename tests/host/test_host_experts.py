@@ -7,8 +7,15 @@ import torch
 
 from prophet import host_gemv
 from prophet.errors import ConfigError
-from prophet.formats import ExpertFormat, expert_forward, weight_format
-from prophet.host_experts import HostExperts, HostJob, jobs_for
+from prophet.formats import (
+    ExpertFormat,
+    dequantize,
+    dequantize_expert,
+    expert_forward,
+    quantize,
+    weight_format,
+)
+from prophet.host_experts import HostExperts, HostJob, jobs_for, physical_cores
 from prophet.store import HostStore
 
 FORMATS = [
@@ -99,19 +106,100 @@ def test_quantized_store_equals_its_dequantized_reference(weights: str) -> None:
 
 
 @pytest.mark.skipif(not host_gemv.available(), reason="host GEMV kernel not built here")
-@pytest.mark.parametrize("shape", [(4, 8), (5, 9), (33, 130), (100, 7)])
-def test_kernel_rows_equal_fp32_product(shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("shape", [(4, 8), (5, 9), (33, 130), (100, 7), (19, 8203)])  # 19 rows: eight at a time and the rest
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("bf16_x", [True, False], ids=["bf16_x", "fp32_x"])
+def test_kernel_rows_equal_fp32_product(shape: tuple[int, int], tokens: int, bf16_x: bool) -> None:
+    """Every kernel path (one bf16-exact token: one row stream or eight rows; else rows x token pairs)."""
     n, k = shape
-    gen = torch.Generator().manual_seed(n * k)
+    gen = torch.Generator().manual_seed(n * k + tokens)
     w = torch.randn(n, k, generator=gen).bfloat16()
-    x = torch.randn(3, k, generator=gen)
-    y = torch.full((3, n), float("nan"))
+    x = torch.randn(tokens, k, generator=gen)
+    if bf16_x:
+        x = x.bfloat16().float()
+    y = torch.full((tokens, n), float("nan"))
     host_gemv.gemv_rows(w, x, y, 0, n)
-    torch.testing.assert_close(y, x @ w.float().T, atol=1e-5, rtol=1e-5)
-    y2 = torch.full((3, n), float("nan"))
+    ref = (x.double() @ w.double().T).float()
+    torch.testing.assert_close(y, ref, atol=1e-5 * k**0.5, rtol=1e-5)
+    y2 = torch.full((tokens, n), float("nan"))
     host_gemv.gemv_rows(w, x, y2, 1, n - 1)  # a row range leaves the rest untouched
     assert y2[:, 0].isnan().all() and y2[:, -1].isnan().all()
     torch.testing.assert_close(y2[:, 1:-1], y[:, 1:-1])
+
+
+@pytest.mark.skipif(not host_gemv.available(), reason="host GEMV kernel not built here")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("shape", "group"), [((5, 64), 32), ((9, 37), 16), ((7, 301), 0), ((3, 40), 7),
+                                              ((4, 200), 64)])
+def test_int_kernel_equals_dequantize_then_matmul(bits: int, shape: tuple[int, int], group: int) -> None:
+    """int8/int4 rows (odd sizes, group tails, odd groups, one scale per row, whole 32-column blocks) against
+    the reference `dequantize` then an fp64 product; 1 and 3 tokens."""
+    n, k = shape
+    wf = weight_format(f"int{bits}", group_size=group)
+    gen = torch.Generator().manual_seed(n * k + bits + group)
+    values, scales = quantize(wf, torch.randn(n, k, generator=gen))
+    w = dequantize(wf, values, scales, shape).double()
+    for tokens in (1, 3):
+        x = torch.randn(tokens, k, generator=gen)
+        y = torch.full((tokens, n), float("nan"))
+        host_gemv.gemv_int_rows(values, scales, group or k, bits, x, y, 0, n)
+        torch.testing.assert_close(y.double(), x.double() @ w.T, atol=1e-5 * k**0.5, rtol=1e-5)
+        y2 = torch.full((tokens, n), float("nan"))
+        host_gemv.gemv_int_rows(values, scales, group or k, bits, x, y2, 1, n - 1)
+        assert y2[:, 0].isnan().all() and y2[:, -1].isnan().all()
+
+
+@pytest.mark.skipif(not host_gemv.available(), reason="host GEMV kernel not built here")
+@pytest.mark.parametrize("name", ["fp8", "fp8-channel", "fp8-tensor"])
+@pytest.mark.parametrize("shape", [(300, 260), (5, 37), (130, 8)])
+def test_fp8_kernel_equals_dequantize_then_matmul(name: str, shape: tuple[int, int]) -> None:
+    """e4m3 rows (every code: subnormals, zero, both signs) with per-tensor, per-row and 128x128 block scales
+    (block tails in both dims) against the reference `dequantize` then an fp64 product; 1 and 3 tokens."""
+    n, k = shape
+    wf = weight_format(name)
+    gen = torch.Generator().manual_seed(n * k + len(name))
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-4, 0, k)  # small values: subnormal codes too
+    values, scales = quantize(wf, w)
+    if n * k >= 256:  # every code but the two NaNs
+        codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+        values.view(torch.uint8).view(-1)[: len(codes)] = codes
+    ref = dequantize(wf, values, scales, shape).double()
+    block_rows, group = wf.block(n, k)
+    for tokens in (1, 3):
+        x = torch.randn(tokens, k, generator=gen)
+        y = torch.full((tokens, n), float("nan"))
+        host_gemv.gemv_fp8_rows(values, scales, block_rows, group, x, y, 0, n)
+        torch.testing.assert_close(y.double(), x.double() @ ref.T, atol=1e-5 * k**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8", "fp8-channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_quant_store_host_experts_against_reference(weights: str, dtype: torch.dtype, tokens: int) -> None:
+    """A whole layer from an int8/int4/fp8 store through its kernel (biases, gpt_oss activation, odd sizes):
+    equal to the dequantize reference in fp32; in bf16 no further from the fp64 product of the quantized
+    weights than the path that dequantizes to bf16 first (the fallback, and the device kernels)."""
+    fmt = FORMATS[2] if tokens == 1 else FORMATS[1]
+    gen = torch.Generator().manual_seed(tokens + len(weights))
+    store = _store(fmt, dtype, gen, weights)
+    x = torch.randn(tokens, fmt.hidden_size, generator=gen).to(dtype).float()
+    idx, w = _routing(tokens, gen)
+    experts = [0, 2, 3]
+    jobs = jobs_for(idx, w, experts)
+    with HostExperts(store, threads=2) as host, HostExperts(store, threads=1, use_kernel=False) as fallback:
+        assert host.quant_kernel == host_gemv.available() and not fallback.quant_kernel
+        out = host.submit(0, x, jobs).result().out
+        rounded = fallback.submit(0, x, jobs).result().out
+    ref = torch.zeros(x.shape, dtype=torch.float64)  # fp64 product of the quantized weights (not rounded)
+    for e in experts:
+        t = {n: v.double() for n, v in dequantize_expert(store.layout, store.read(0, e)).items()}
+        tok, j = (idx == e).nonzero(as_tuple=True)
+        ref.index_add_(0, tok, expert_forward(fmt, t, x[tok].double()) * w[tok, j, None].double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    else:
+        err, err_rounded = (out.double() - ref).abs().max().item(), (rounded.double() - ref).abs().max().item()
+        assert err <= 1.05 * err_rounded + 1e-6, (err, err_rounded)
 
 
 def test_submit_returns_at_once_and_orders_layers() -> None:
@@ -133,3 +221,14 @@ def test_bad_input_raises() -> None:
         HostExperts(store, threads=0)
     with HostExperts(store, threads=1) as host, pytest.raises(ConfigError, match="CPU"):
         host.submit(0, torch.zeros(1, 64, device="meta"), [])
+
+
+def test_physical_cores_count_smt_siblings_once(tmp_path) -> None:
+    for cpu, core in enumerate([0, 1, 0, 1]):  # two cores, two SMT threads each
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    assert physical_cores({0, 1, 2, 3}, tmp_path) == 2
+    assert physical_cores({0, 2}, tmp_path) == 1  # affinity to one core's two threads
+    assert physical_cores({0, 5}, tmp_path) == 2  # no topology for cpu5: count logical CPUs
