@@ -13,7 +13,9 @@ down projection), ``y = w2 a + b2`` in fp32. Matrix products (`host_linear`):
 
     bf16, up to ``GEMV_MAX_TOKENS`` tokens, kernel built: `prophet.host_gemv` AVX2 kernel, output rows split
         over the threads (weights stream from DRAM once, at the read bandwidth)
-    bf16/fp16, more tokens: row tiles widened to fp32 and multiplied by torch (compute-bound there anyway)
+    bf16, more tokens, a CPU with native bf16 (`native_bf16`; from 3 tokens on): torch's bf16 matmul, as the
+        eager model computes it (bf16 products accumulated in fp32, each output rounded to bf16)
+    bf16/fp16, more tokens otherwise: row tiles widened to fp32 and multiplied by torch (compute-bound there anyway)
     fp32: torch's fp32 matmul, rows split over the threads
     int8/int4 group-quantized and fp8 stores, up to ``QUANT_MAX_TOKENS`` tokens, kernel built:
         `prophet.host_gemv.gemv_int_rows` / `gemv_fp8_rows` read the stored bytes (values + scales,
@@ -28,6 +30,7 @@ down projection), ``y = w2 a + b2`` in fp32. Matrix products (`host_linear`):
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +49,9 @@ from prophet.store import HostStore
 QUANT_MAX_TOKENS = 32  # the quantized kernels' time grows with tokens (they dequantize per token), the reference
 # path's hardly: int8 at 1 token 100x faster, at 32 still 5x (experiments/results/host_experts_bench.json)
 GEMV_MAX_TOKENS = 32  # the kernel re-widens weights per token pair; past this, widened tiles + torch matmul win (measured: the kernel is 1.5-3.6x faster up to 32 tokens)
+# On a CPU that multiplies bf16 natively (AVX512-BF16, AMX), torch's bf16 matmul beats the kernel from 3 tokens on
+# (kernel/torch 1.10x at 2 tokens, 0.94x at 4, 0.47x at 32: experiments/results/host_experts_bench.json)
+NATIVE_GEMV_MAX_TOKENS = 2
 TILE_ELEMENTS = 1 << 18  # weights widened to fp32 per tile (1 MiB: stays in L2)
 ROW_ALIGN = 16  # thread row ranges start on multiples of this (whole cache lines of bf16 rows' starts)
 
@@ -79,6 +85,15 @@ def physical_cores(cpus: set[int], sysfs: Path = Path("/sys/devices/system/cpu")
         except OSError:
             return len(cpus)
     return len(cores) or len(cpus)
+
+
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16), from its flags."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", text) is not None
 
 
 def default_threads() -> int:
@@ -146,6 +161,7 @@ class HostExperts:
         store: HostStore,
         threads: int | None = None,
         use_kernel: bool = True,
+        native: bool | None = None,
     ) -> None:
         self.threads = threads if threads is not None else default_threads()
         if not isinstance(self.threads, int) or self.threads < 1:
@@ -155,6 +171,8 @@ class HostExperts:
                              "them as bf16, fp16, fp32, int8, int4, fp8 or mxfp4")
         self.store = store
         self.kernel = use_kernel and host_gemv.available()
+        self.native = native_bf16() if native is None else native  # torch's bf16 matmul for bf16 tokens past 2
+        self.gemv_max_tokens = NATIVE_GEMV_MAX_TOKENS if self.native else GEMV_MAX_TOKENS
         weights = store.weights
         self.quant_kernel = self.kernel and (weights.kind == "fp8" or (weights.kind == "int" and weights.block_rows == 1))
         self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="prophet-host")
@@ -236,8 +254,11 @@ class HostExperts:
         elif isinstance(w, QuantWeight):
             part = lambda a, b: host_gemv.gemv_int_rows(  # noqa: E731
                 w.values, w.scales, w.group, w.bits, x, y, a, b)
-        elif w.dtype == torch.bfloat16 and self.kernel and x.shape[0] <= GEMV_MAX_TOKENS and w.stride(1) == 1:
+        elif w.dtype == torch.bfloat16 and self.kernel and x.shape[0] <= self.gemv_max_tokens and w.stride(1) == 1:
             part = lambda a, b: host_gemv.gemv_rows(w, x, y, a, b)  # noqa: E731
+        elif w.dtype == torch.bfloat16 and self.native and torch.equal((xb := x.bfloat16()).float(), x):
+            # tokens exact in bf16 (always so in a bf16 model): the product the eager model computes, in its dtype
+            part = lambda a, b: y[:, a:b].copy_(F.linear(xb, w[a:b]))  # noqa: E731
         elif w.dtype == torch.float32:
             part = lambda a, b: torch.mm(x, w[a:b].T, out=y[:, a:b]) if x.shape[0] > 1 else y[:, a:b].copy_(  # noqa: E731
                 F.linear(x, w[a:b]))
