@@ -32,6 +32,8 @@ from prophet.errors import ConfigError
 from prophet.predict.base import Prediction, RoutingPredictor, union
 from prophet.predict.data import RouterTrace
 
+_CALL_MACS = 10_000  # multiply-adds that take about as long as one small numpy call at batch 1 on this CPU
+
 
 class HiddenStateHead(RoutingPredictor):
     """Per-layer head on the sketch and the current experts: linear, low-rank (``rank``) or one ReLU layer of
@@ -207,8 +209,8 @@ class HiddenStateHead(RoutingPredictor):
         (mean / scale) @ W_s)``; the sigmoid as ``0.5 + 0.5 tanh(0.5 z)`` moves the inner half into the last
         map (exact: a power of two); a hidden layer gains a unit fixed at 1 that carries the output bias as the
         last row of ``W_out``. Folded in float64, stored float32 and contiguous. The projection ``P [H, D]`` is
-        folded in only where that makes the first product smaller (``H * out0 <= H * D + D * out0``); else it
-        stays a first product of its own (``_project``), as for a wide model's router input.
+        folded in unless that makes the first product larger by more than a call costs (``_CALL_MACS``); then
+        it stays a product of its own (``_project``), as for a wide model's router input.
         """
         D = self.sketch_dim
         fused = []
@@ -216,7 +218,7 @@ class HiddenStateHead(RoutingPredictor):
         if self.projection is not None:
             width = self.projection.shape[0]
             out0 = self.layers[0][0][0].shape[1] + (len(self.layers[0]) > 1)  # a hidden layer's extra unit
-            if width * out0 > width * D + D * out0:
+            if width * out0 > width * D + D * out0 + _CALL_MACS:
                 self._project = np.ascontiguousarray(self.projection, np.float32)  # [H, D]
         for layer in range(self.num_layers):
             maps = [(np.asarray(w, np.float64), np.asarray(b, np.float64)) for w, b in self.layers[layer]]
@@ -249,6 +251,13 @@ class HiddenStateHead(RoutingPredictor):
             _, w_hot, b0 = self._fused[layer][:3]
             bias = self._bias[key] = b0 + w_hot[row].sum(0, dtype=np.float32) if self.history else b0
         return bias
+
+    def observe(self, layer: int, expert_ids: object, weights: object, hidden: object = None) -> None:
+        """`RoutingPredictor.observe`; a served layer reads neither its ids nor its hidden state."""
+        if self._is_anchor[layer]:
+            super().observe(layer, expert_ids, weights, hidden)
+        else:
+            self.feed(layer, [], weights, hidden)
 
     def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
         position = self.tokens * self.num_layers + layer
