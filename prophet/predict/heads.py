@@ -92,7 +92,7 @@ class HiddenStateHead(RoutingPredictor):
         self.probs: np.ndarray | None = None  # [Dd, E] predictions from the last anchor's run
         self._run_at = 0  # position (tokens * L + layer) of that run
         self._lag = 0  # layer steps from that run to the last observed layer
-        self._tops: dict[int, list[list[tuple[int, float]] | None]] = {}  # n -> per distance, the run's top-n
+        self._tops: dict[int, tuple[list, list, list]] = {}  # n -> the run's top-n per distance, see `predict`
         self._fused: list[tuple[np.ndarray, ...]] | None = None  # see `_compile`
 
     # the parameters the fused maps derive from: replacing one (as tests and loaders do) recompiles them
@@ -271,9 +271,9 @@ class HiddenStateHead(RoutingPredictor):
         """The head of anchor ``layer`` on ``hidden [T, In]``: sets ``probs [Dd, E]``."""
         if hidden is None:
             raise ConfigError("the hidden-state head needs the router input: pass hidden [T, H] (or its sketch) to observe")
-        if isinstance(hidden, torch.Tensor):
-            h = hidden.detach()
-            h = (h if h.dtype == torch.float32 and h.device.type == "cpu" else h.float().cpu()).numpy()
+        if isinstance(hidden, torch.Tensor):  # a CPU float32 tensor outside autograd is read in place (cheapest)
+            plain = hidden.dtype == torch.float32 and not hidden.requires_grad and hidden.device.type == "cpu"
+            h = hidden.numpy() if plain else hidden.detach().float().cpu().numpy()
         else:
             h = np.asarray(hidden, np.float32)
         width = h.shape[-1]
@@ -307,25 +307,27 @@ class HiddenStateHead(RoutingPredictor):
         self.probs = probs[0] if n == 1 else 1.0 - np.prod(1.0 - probs, axis=0)  # [Dd, E], `union` per distance
 
     def predict(self, horizon: int | None = None, top: int | None = None) -> list[Prediction]:
-        """`RoutingPredictor.predict`, served from the anchor run's top-n per distance, each found once per run
-        when first asked (a Python sort of E floats costs less than a numpy call)."""
+        """`RoutingPredictor.predict`, served from the anchor run's top-n per distance: one argsort per run and
+        n, each distance's list built when first asked (what a served layer pays is Python, not numpy)."""
         h = min(horizon or self.horizon, self.num_layers)
         n = min(top or self.top, self.num_experts)
         lag = self._lag
         if self.probs is None or lag + h > self.max_distance:
             return super().predict(horizon, top)
-        tops = self._tops.get(n)
-        if tops is None:
-            tops = self._tops[n] = [None] * self.max_distance
+        run = self._tops.get(n)
+        if run is None:  # [Dd] lists of (expert, score) to fill, the run's top-n order [Dd, n] and scores [Dd, E]
+            run = self._tops[n] = ([None] * self.max_distance, np.argsort(self.probs, axis=1)[:, -n:].tolist(),
+                                   self.probs.tolist())
+        tops, order, vals = run
         base = self.layer + 1
         out = []
         for d in range(h):
             best = tops[lag + d]
             if best is None:
-                row = self.probs[lag + d].tolist()
-                best = tops[lag + d] = [(e, row[e]) for e in sorted(range(len(row)), key=row.__getitem__)[-n:]
-                                        if row[e] > 0.0]
-            out += [Prediction(base + d, e, v) for e, v in best]
+                row = vals[lag + d]
+                best = tops[lag + d] = [(e, row[e]) for e in order[lag + d] if row[e] > 0.0]
+            # tuple.__new__ is what Prediction(...) runs, without the keyword-handling call (half the cost)
+            out += [tuple.__new__(Prediction, (base + d, e, v)) for e, v in best]
         return out
 
     def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:

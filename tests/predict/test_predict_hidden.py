@@ -250,3 +250,14 @@ def test_head_refuses_runs_that_cannot_reach_the_next_one():
         HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=6, every=2, max_distance=1)
     with pytest.raises(ConfigError, match="every"):
         HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=6, every=LAYERS + 1, max_distance=LAYERS + 1)
+
+
+def test_head_reads_hidden_tensors_of_any_dtype_and_grad_alike():
+    head = random_head(HiddenStateHead, None, seed=10, hidden_units=8)
+    x = torch.from_numpy(np.random.default_rng(11).normal(size=(1, 6)).astype(np.float32))
+    got = []
+    for hidden in (x, x.clone().requires_grad_(), x.double(), x.numpy()):
+        head.observe(0, torch.tensor([[0, 1]]), torch.full((1, K), 0.5), hidden)
+        got.append(head.scores([1, 2]))
+    for scores in got[1:]:
+        np.testing.assert_allclose(scores, got[0], rtol=1e-6, atol=1e-7)
