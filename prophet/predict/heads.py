@@ -348,6 +348,7 @@ class ReferenceHead(HiddenStateHead):
     tested against and its cost compared with (`experiments/predictors/head_cost.py`)."""
 
     def predict(self, horizon: int | None = None, top: int | None = None) -> list[Prediction]:
+        """The base `predict` from `scores`: what the served one is tested against."""
         return RoutingPredictor.predict(self, horizon, top)
 
     def _run(self, layer: int, rows: list[list[int]], hidden: object) -> None:
