@@ -10,6 +10,11 @@ so the projection, the standardization and the sigmoid's half-scale are folded i
 once (`_compile`), and an observation at batch 1 is one product per map plus a memoized bias;
 `ReferenceHead` keeps the unfused path the fused one is tested against.
 
+Cost at batch 1 is mostly per-call overhead, so a head can run at every ``every``-th layer only (``every=L``:
+once per token, at the last layer, which is then also the next-token look-ahead): an *anchor* layer's head
+predicts the ``max_distance >= every`` steps up to the next anchor, and the layers between are served from
+that run (their observation costs the position bookkeeping, their `predict` a lookup in the anchor's top-n).
+
 Traces carry sketches, the runtime has the full router input: give ``projection`` (`prophet.trace.sketch`'s
 ``sketch_projection`` for the trace's `SketchInfo`) to run a head fitted on sketches on live hidden states.
 """
@@ -24,8 +29,10 @@ import torch
 from torch import nn
 
 from prophet.errors import ConfigError
-from prophet.predict.base import RoutingPredictor, union
+from prophet.predict.base import Prediction, RoutingPredictor, union
 from prophet.predict.data import RouterTrace
+
+_CALL_MACS = 10_000  # multiply-adds that take about as long as one small numpy call at batch 1 on this CPU
 
 
 class HiddenStateHead(RoutingPredictor):
@@ -44,6 +51,7 @@ class HiddenStateHead(RoutingPredictor):
         rank: int | None = None,
         hidden_units: int | None = None,
         history: bool = True,
+        every: int = 1,
         projection: torch.Tensor | None = None,
         steps: int = 300,
         lr: float = 1e-2,
@@ -57,6 +65,13 @@ class HiddenStateHead(RoutingPredictor):
                               "use the SketchInfo the training traces were recorded with")
         self.sketch_dim = sketch_dim
         self.max_distance = max_distance
+        if not 1 <= every <= num_layers or max_distance < every:
+            raise ConfigError(f"every={every} with max_distance={max_distance}: the head must run at least once per "
+                              f"token (every <= {num_layers} layers) and see up to its next run (max_distance >= every)")
+        self.every = every
+        # layers where the head runs: every `every`-th and the token's last (its run reaches the next token)
+        self.anchors = sorted({layer for layer in range(num_layers) if (layer + 1) % every == 0} | {num_layers - 1})
+        self._is_anchor = [layer in self.anchors for layer in range(num_layers)]
         if rank is not None and hidden_units is not None:
             raise ConfigError("give the head a low rank or a hidden layer, not both")
         self.rank = rank
@@ -74,7 +89,10 @@ class HiddenStateHead(RoutingPredictor):
             for _ in range(L)
         ]
         self.freq = np.full((L, E), top_k / E)  # [L, E] fitted frequency, for distances beyond max_distance
-        self.probs: np.ndarray | None = None  # [Dd, E] predictions from the last observed layer
+        self.probs: np.ndarray | None = None  # [Dd, E] predictions from the last anchor's run
+        self._run_at = 0  # position (tokens * L + layer) of that run
+        self._lag = 0  # layer steps from that run to the last observed layer
+        self._tops: dict[int, tuple[list, list, list]] = {}  # n -> the run's top-n per distance, see `predict`
         self._fused: list[tuple[np.ndarray, ...]] | None = None  # see `_compile`
 
     # the parameters the fused maps derive from: replacing one (as tests and loaders do) recompiles them
@@ -126,14 +144,14 @@ class HiddenStateHead(RoutingPredictor):
                 src_row, src_layer, dst_row, dst_layer = tr.pairs(d)
                 y[src_row, src_layer, d - 1] = hot[dst_row, dst_layer]
                 m[src_row, src_layer, d - 1] = True
-            for layer in range(L):
+            for layer in self.anchors:
                 rows = np.flatnonzero(m[:, layer].any(1))
                 feats[layer].append(self._raw_features(tr.hidden[rows, layer], hot[rows, layer]))
                 targets[layer].append(y[rows, layer])
                 masks[layer].append(m[rows, layer])
         if counts.sum() > 0:
             self.freq = counts / np.maximum(counts.sum(1, keepdims=True), 1) * self.top_k
-        for layer in range(L):
+        for layer in self.anchors:
             x = np.concatenate(feats[layer]) if feats[layer] else np.zeros((0, self.num_features), np.float32)
             if not len(x):
                 continue
@@ -181,6 +199,7 @@ class HiddenStateHead(RoutingPredictor):
     def reset(self) -> None:
         super().reset()
         self.probs = None
+        self._tops = {}
 
     def _compile(self) -> list[tuple[np.ndarray, ...]]:
         """Per layer ``(W_in [In, out0], W_hot [E, out0], b0 [out0])`` and, for a hidden layer, ``W_out [out0, Dd*E]``,
@@ -189,10 +208,18 @@ class HiddenStateHead(RoutingPredictor):
         ``[(h - mean) / scale, hot] @ W + b`` with ``h = x @ P`` is ``x @ P (W_s / scale) + hot @ W_h + (b -
         (mean / scale) @ W_s)``; the sigmoid as ``0.5 + 0.5 tanh(0.5 z)`` moves the inner half into the last
         map (exact: a power of two); a hidden layer gains a unit fixed at 1 that carries the output bias as the
-        last row of ``W_out``. Folded in float64, stored float32 and contiguous.
+        last row of ``W_out``. Folded in float64, stored float32 and contiguous. The projection ``P [H, D]`` is
+        folded in unless that makes the first product larger by more than a call costs (``_CALL_MACS``); then
+        it stays a product of its own (``_project``), as for a wide model's router input.
         """
         D = self.sketch_dim
         fused = []
+        self._project = None
+        if self.projection is not None:
+            width = self.projection.shape[0]
+            out0 = self.layers[0][0][0].shape[1] + (len(self.layers[0]) > 1)  # a hidden layer's extra unit
+            if width * out0 > width * D + D * out0 + _CALL_MACS:
+                self._project = np.ascontiguousarray(self.projection, np.float32)  # [H, D]
         for layer in range(self.num_layers):
             maps = [(np.asarray(w, np.float64), np.asarray(b, np.float64)) for w, b in self.layers[layer]]
             if len(maps) > 2:
@@ -201,7 +228,7 @@ class HiddenStateHead(RoutingPredictor):
             inv = 1.0 / np.asarray(self.scale[layer], np.float64)  # [D]
             w_in = w0[:D] * inv[:, None]  # [D, out0]
             b0 = b0 - (np.asarray(self.mean[layer], np.float64) * inv) @ w0[:D]
-            if self.projection is not None:
+            if self.projection is not None and self._project is None:
                 w_in = self.projection.astype(np.float64) @ w_in  # [H, out0]
             w_hot = w0[D:]  # [E, out0], or [0, out0] without history
             if len(maps) == 1:
@@ -225,12 +252,28 @@ class HiddenStateHead(RoutingPredictor):
             bias = self._bias[key] = b0 + w_hot[row].sum(0, dtype=np.float32) if self.history else b0
         return bias
 
+    def observe(self, layer: int, expert_ids: object, weights: object, hidden: object = None) -> None:
+        """`RoutingPredictor.observe`; a served layer reads neither its ids nor its hidden state."""
+        if self._is_anchor[layer]:
+            super().observe(layer, expert_ids, weights, hidden)
+        else:
+            self.feed(layer, [], weights, hidden)
+
     def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
+        position = self.tokens * self.num_layers + layer
+        if not self._is_anchor[layer]:  # served from the last anchor's run
+            self._lag = position - self._run_at
+            return
+        self._run_at, self._lag, self._tops = position, 0, {}
+        self._run(layer, rows, hidden)
+
+    def _run(self, layer: int, rows: list[list[int]], hidden: object) -> None:
+        """The head of anchor ``layer`` on ``hidden [T, In]``: sets ``probs [Dd, E]``."""
         if hidden is None:
             raise ConfigError("the hidden-state head needs the router input: pass hidden [T, H] (or its sketch) to observe")
-        if isinstance(hidden, torch.Tensor):
-            h = hidden.detach()
-            h = (h if h.dtype == torch.float32 and h.device.type == "cpu" else h.float().cpu()).numpy()
+        if isinstance(hidden, torch.Tensor):  # a CPU float32 tensor outside autograd is read in place (cheapest)
+            plain = hidden.dtype == torch.float32 and not hidden.requires_grad and hidden.device.type == "cpu"
+            h = hidden.numpy() if plain else hidden.detach().float().cpu().numpy()
         else:
             h = np.asarray(hidden, np.float32)
         width = h.shape[-1]
@@ -243,7 +286,10 @@ class HiddenStateHead(RoutingPredictor):
             self._fused = self._compile()
         maps = self._fused[layer]
         n = len(rows)
-        z = h.reshape(n, width) @ maps[0]  # [T, out0]
+        h = h.reshape(n, width)
+        if self._project is not None:
+            h = h @ self._project  # [T, D]
+        z = h @ maps[0]  # [T, out0]
         if n == 1:
             z += self._first_bias(layer, rows[0])
         else:
@@ -260,14 +306,39 @@ class HiddenStateHead(RoutingPredictor):
         probs = z.reshape(n, self.max_distance, self.num_experts)
         self.probs = probs[0] if n == 1 else 1.0 - np.prod(1.0 - probs, axis=0)  # [Dd, E], `union` per distance
 
+    def predict(self, horizon: int | None = None, top: int | None = None) -> list[Prediction]:
+        """`RoutingPredictor.predict`, served from the anchor run's top-n per distance: one argsort per run and
+        n, each distance's list built when first asked (what a served layer pays is Python, not numpy)."""
+        h = min(horizon or self.horizon, self.num_layers)
+        n = min(top or self.top, self.num_experts)
+        lag = self._lag
+        if self.probs is None or lag + h > self.max_distance:
+            return super().predict(horizon, top)
+        run = self._tops.get(n)
+        if run is None:  # [Dd] lists of (expert, score) to fill, the run's top-n order [Dd, n] and scores [Dd, E]
+            run = self._tops[n] = ([None] * self.max_distance, np.argsort(self.probs, axis=1)[:, -n:].tolist(),
+                                   self.probs.tolist())
+        tops, order, vals = run
+        base = self.layer + 1
+        out = []
+        for d in range(h):
+            best = tops[lag + d]
+            if best is None:
+                row = vals[lag + d]
+                best = tops[lag + d] = [(e, row[e]) for e in order[lag + d] if row[e] > 0.0]
+            # tuple.__new__ is what Prediction(...) runs, without the keyword-handling call (half the cost)
+            out += [tuple.__new__(Prediction, (base + d, e, v)) for e, v in best]
+        return out
+
     def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
         if self.probs is None:
             return self.freq[layers]  # [D, E] (a copy: fancy indexing)
-        if max(distances.tolist()) <= self.max_distance:  # what `predict` asks: only the head's own distances
-            return self.probs[distances - 1]
+        index = distances + (self._lag - 1)  # rows of the anchor's run
+        if max(index.tolist()) < self.max_distance:  # what `predict` asks: only the run's own distances
+            return self.probs[index]
         out = self.freq[layers]
-        near = distances <= self.max_distance
-        out[near] = self.probs[distances[near] - 1]
+        near = index < self.max_distance
+        out[near] = self.probs[index[near]]
         return out
 
 
@@ -276,7 +347,11 @@ class ReferenceHead(HiddenStateHead):
     """`HiddenStateHead` computed the plain way, map by map from the stored parameters: what the fused path is
     tested against and its cost compared with (`experiments/predictors/head_cost.py`)."""
 
-    def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
+    def predict(self, horizon: int | None = None, top: int | None = None) -> list[Prediction]:
+        """The base `predict` from `scores`: what the served one is tested against."""
+        return RoutingPredictor.predict(self, horizon, top)
+
+    def _run(self, layer: int, rows: list[list[int]], hidden: object) -> None:
         if hidden is None:
             raise ConfigError("the hidden-state head needs the router input: pass hidden [T, H] (or its sketch) to observe")
         h = hidden.detach().float().cpu().numpy() if isinstance(hidden, torch.Tensor) else np.asarray(hidden, np.float32)

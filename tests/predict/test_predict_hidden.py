@@ -11,6 +11,7 @@ import prophet.trace
 from prophet.errors import ConfigError
 from prophet.models import moe_layers
 from prophet.predict import HiddenStateHead, RouterLookahead, RouterTrace, as_router_trace, sketch_routers
+from prophet.predict.base import RoutingPredictor
 from prophet.predict.heads import ReferenceHead
 from prophet.trace import SketchInfo
 from prophet.trace.sketch import sketch_projection
@@ -161,12 +162,12 @@ def test_head_refuses_traces_without_a_sketch_and_two_shapes_at_once():
         HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=6).fit([as_router_trace(RouterTrace(**{**tr.__dict__, "hidden": None}))])
 
 
-def random_head(cls: type, projection: torch.Tensor | None, seed: int, **shape) -> HiddenStateHead:
+def random_head(cls: type, projection: torch.Tensor | None, seed: int, max_distance: int = 2, **shape) -> HiddenStateHead:
     """A head of class ``cls`` with random standardization and maps (seeded, so two classes get the same)."""
     rng = np.random.default_rng(seed)
-    head = cls(LAYERS, EXPERTS, K, sketch_dim=6, max_distance=2, projection=projection, **shape)
-    units = shape.get("hidden_units")
-    sizes = [head.num_features, 2 * EXPERTS] if units is None else [head.num_features, units, 2 * EXPERTS]
+    head = cls(LAYERS, EXPERTS, K, sketch_dim=6, max_distance=max_distance, projection=projection, **shape)
+    units, out = shape.get("hidden_units"), max_distance * EXPERTS
+    sizes = [head.num_features, out] if units is None else [head.num_features, units, out]
     head.mean = rng.normal(size=head.mean.shape).astype(np.float32)
     head.scale = rng.uniform(0.5, 2.0, size=head.scale.shape).astype(np.float32)
     head.layers = [[(rng.normal(size=(a, b)).astype(np.float32), rng.normal(size=b).astype(np.float32))
@@ -175,25 +176,88 @@ def random_head(cls: type, projection: torch.Tensor | None, seed: int, **shape) 
     return head
 
 
-@pytest.mark.parametrize("shape", [{}, {"hidden_units": 16}, {"hidden_units": 16, "history": False}],
-                         ids=["linear", "mlp", "mlp-no-history"])
-@pytest.mark.parametrize("live", [False, True], ids=["sketch", "projected"])
+def assert_same_top(got: list, want: list, head: HiddenStateHead) -> None:
+    """Two `predict` answers agree: per layer the same top scores, and each pick scores what ``head`` says (ties,
+    as saturated unions of a batch make, may pick different experts)."""
+    assert sorted(p.layer for p in got) == sorted(p.layer for p in want)
+    key = lambda p: (p.layer, p.score)  # noqa: E731
+    np.testing.assert_allclose([p.score for p in sorted(got, key=key)], [p.score for p in sorted(want, key=key)],
+                               rtol=1e-5, atol=1e-6)
+    for p in got:
+        np.testing.assert_allclose(head.scores([p.layer - head.layer])[0, p.expert], p.score, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [{}, {"hidden_units": 16}, {"hidden_units": 16, "history": False},
+                                   {"hidden_units": 16, "every": 2, "max_distance": 3},
+                                   {"every": LAYERS, "max_distance": LAYERS + 1}],
+                         ids=["linear", "mlp", "mlp-no-history", "mlp-every-2", "linear-once-per-token"])
+@pytest.mark.parametrize("live", [None, 1024, H], ids=["sketch", "projected", "projected-folded"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fused_head_matches_the_reference_on_fresh_inputs(shape, live, batch):
-    proj = sketch_projection(H, SketchInfo(dim=6, seed=2)) if live else None
+    proj = sketch_projection(live, SketchInfo(dim=6, seed=2)) if live else None
     fused, ref = (random_head(cls, proj, seed=4, **shape) for cls in (HiddenStateHead, ReferenceHead))
     rng = np.random.default_rng(5)
     for step in range(12):
         layer = step % LAYERS
         ids = torch.from_numpy(np.stack([rng.choice(EXPERTS, K, replace=False) for _ in range(batch)]))
-        hidden = torch.from_numpy(rng.normal(size=(batch, H if live else 6)).astype(np.float32))
+        hidden = torch.from_numpy(rng.normal(size=(batch, live or 6)).astype(np.float32))
         for head in (fused, ref):
             head.observe(layer, ids, torch.full((batch, K), 0.5), hidden)
+        if layer in fused.anchors:
+            assert (fused._project is None) == (live != 1024)  # a wide projection stays a product of its own
         np.testing.assert_allclose(fused.scores([1, 2, 3, 9]), ref.scores([1, 2, 3, 9]), rtol=1e-5, atol=1e-6)
-        got, want = (sorted(head.predict(horizon=2)) for head in (fused, ref))
-        assert [p[:2] for p in got] == [p[:2] for p in want]
-        np.testing.assert_allclose([p.score for p in got], [p.score for p in want], rtol=1e-5, atol=1e-6)
+        assert_same_top(fused.predict(horizon=2), ref.predict(horizon=2), ref)  # fused: from its run's top-n
     fused.layers, ref.layers = (random_head(HiddenStateHead, proj, seed=6, **shape).layers for _ in range(2))
     for head in (fused, ref):  # replacing a parameter refolds the fused maps
         head.observe(0, ids, torch.full((batch, K), 0.5), hidden)
     np.testing.assert_allclose(fused.scores([1, 2]), ref.scores([1, 2]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("every", [2, LAYERS])
+def test_a_head_run_every_few_layers_serves_the_layers_between_from_its_last_run(every):
+    head = random_head(HiddenStateHead, None, seed=7, hidden_units=8, every=every, max_distance=every + 1)
+    assert head.anchors == {2: [1, 2], LAYERS: [LAYERS - 1]}[every]  # every 2nd layer and the token's last
+    np.testing.assert_allclose(head.scores([1, 2]), head.freq[[0, 1]])  # before any run: the fitted frequency
+    run, lag = None, 0
+    for step in range(4 * LAYERS):
+        layer = step % LAYERS
+        head.observe(layer, torch.tensor([[0, 1]]), torch.full((1, K), 0.5), torch.randn(1, 6))
+        if layer in head.anchors:
+            run, lag = head.probs.copy(), 0
+        else:
+            lag += 1
+        if run is None:
+            continue
+        np.testing.assert_array_equal(head.scores([1]), run[lag : lag + 1])
+        far = head.scores([head.max_distance - lag + 1])  # past the run: the frequency of the layer it lands on
+        np.testing.assert_array_equal(far[0], head.freq[(layer + head.max_distance - lag + 1) % LAYERS])
+
+
+def test_served_predict_equals_the_base_predict_on_fresh_inputs():
+    rng = np.random.default_rng(9)
+    for every in (1, 2, LAYERS):
+        head = random_head(HiddenStateHead, None, seed=int(rng.integers(1 << 30)), every=every, max_distance=every + 1)
+        for step in range(3 * LAYERS):
+            head.observe(step % LAYERS, torch.from_numpy(rng.choice(EXPERTS, (1, K), replace=False)),
+                         torch.full((1, K), 0.5), torch.from_numpy(rng.normal(size=(1, 6)).astype(np.float32)))
+            for h in (1, 2, LAYERS):
+                top = int(rng.integers(1, EXPERTS + 1))
+                assert_same_top(head.predict(horizon=h, top=top), RoutingPredictor.predict(head, h, top), head)
+
+
+def test_head_refuses_runs_that_cannot_reach_the_next_one():
+    with pytest.raises(ConfigError, match="max_distance"):
+        HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=6, every=2, max_distance=1)
+    with pytest.raises(ConfigError, match="every"):
+        HiddenStateHead(LAYERS, EXPERTS, K, sketch_dim=6, every=LAYERS + 1, max_distance=LAYERS + 1)
+
+
+def test_head_reads_hidden_tensors_of_any_dtype_and_grad_alike():
+    head = random_head(HiddenStateHead, None, seed=10, hidden_units=8)
+    x = torch.from_numpy(np.random.default_rng(11).normal(size=(1, 6)).astype(np.float32))
+    got = []
+    for hidden in (x, x.clone().requires_grad_(), x.double(), x.numpy()):
+        head.observe(0, torch.tensor([[0, 1]]), torch.full((1, K), 0.5), hidden)
+        got.append(head.scores([1, 2]))
+    for scores in got[1:]:
+        np.testing.assert_allclose(scores, got[0], rtol=1e-6, atol=1e-7)
