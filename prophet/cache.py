@@ -273,7 +273,7 @@ class ExpertCache:
                 pool.watch.discard(s)
             elif not self._can_evict(slot, include_loading, for_prefetch, fresh):
                 mask[s] = False
-        return np.flatnonzero(mask)
+        return mask.nonzero()[0]
 
     def _can_evict(self, slot: _Slot, include_loading: bool, for_prefetch: bool, fresh: int) -> bool:
         if slot.pins or (for_prefetch and slot.prefetched and slot.born > fresh):

@@ -57,19 +57,32 @@ class LRU(EvictionPolicy):
     name = "lru"
 
     def __init__(self) -> None:
-        self._order: OrderedDict[Key, int] = OrderedDict()  # oldest first; the value orders keys the same way
+        self._order: OrderedDict[Key, None] = OrderedDict()  # oldest first
         self._clock = itertools.count()
+        self._stamp = np.full((0, 0), np.inf)  # [layer, expert] when each key entered the order's end; inf: absent
 
     def insert(self, key: Key) -> None:
-        self._order[key] = next(self._clock)
+        self._order[key] = None
         self._order.move_to_end(key)
+        self._restamp(key)
 
     def touch(self, key: Key) -> None:
-        self._order[key] = next(self._clock)
+        self._order[key] = None
         self._order.move_to_end(key)
+        self._restamp(key)
 
     def remove(self, key: Key) -> None:
         self._order.pop(key, None)
+        if key[0] < self._stamp.shape[0] and key[1] < self._stamp.shape[1]:
+            self._stamp[key] = np.inf
+
+    def _restamp(self, key: Key) -> None:
+        """``key`` moved to the order's end: its stamp becomes the largest, so stamps sort as the order does."""
+        if key[0] >= self._stamp.shape[0] or key[1] >= self._stamp.shape[1]:
+            grown = np.full((max(key[0] + 1, self._stamp.shape[0]), max(key[1] + 1, self._stamp.shape[1])), np.inf)
+            grown[: self._stamp.shape[0], : self._stamp.shape[1]] = self._stamp
+            self._stamp = grown
+        self._stamp[key] = next(self._clock)
 
     def order(self) -> Iterable[Key]:
         return self._order
@@ -84,10 +97,13 @@ class LRU(EvictionPolicy):
         return candidates[0]
 
     def choose(self, layers: np.ndarray, experts: np.ndarray) -> Key:
-        """`victim` by the keys' stamps instead of a walk over the whole order (the first minimum: a key not
-        in the order ranks last, and with none in it the first candidate is chosen)."""
-        stamp, never = self._order.get, float("inf")
-        return min(keys(layers, experts), key=lambda k: stamp(k, never))
+        """`victim` by the keys' stamps instead of a walk over the whole order: the oldest stamp; a key not in
+        the order ranks last, and with none in it the first candidate is chosen."""
+        inside = (layers < self._stamp.shape[0]) & (experts < self._stamp.shape[1])
+        stamps = np.full(len(layers), np.inf)
+        stamps[inside] = self._stamp[layers[inside], experts[inside]]
+        i = int(np.argmin(stamps))  # the first minimum
+        return int(layers[i]), int(experts[i])
 
 
 class FIFO(LRU):
@@ -97,7 +113,8 @@ class FIFO(LRU):
 
     def touch(self, key: Key) -> None:
         if key not in self._order:
-            self._order[key] = next(self._clock)
+            self._order[key] = None
+            self._restamp(key)
 
 
 class LFU(EvictionPolicy):
@@ -161,7 +178,7 @@ class ScoredPolicy(EvictionPolicy):
 
     def choose(self, layers: np.ndarray, experts: np.ndarray) -> Key:
         scores = self.score_array(layers, experts)  # [C]
-        tied = np.flatnonzero(scores == scores.min())
+        tied = (scores == scores.min()).nonzero()[0]
         if len(tied) == 1:
             return int(layers[tied[0]]), int(experts[tied[0]])
         return self.base.choose(layers[tied], experts[tied])
@@ -211,12 +228,16 @@ class PredictionAware(ScoredPolicy):
         if self._version is None:
             return super().score_array(layers, experts)
         version = self._version()
-        need = (int(layers.max()) + 1, int(experts.max()) + 1)
-        if version != self._memo_version or need[0] > self._memo.shape[0] or need[1] > self._memo.shape[1]:
-            shape = (max(need[0], self._memo.shape[0]), max(need[1], self._memo.shape[1]))
-            self._memo, self._memo_version = np.full(shape, np.nan), version
-        out = self._memo[layers, experts]  # [C]
-        new = np.flatnonzero(np.isnan(out))
+        if version != self._memo_version:
+            self._memo.fill(np.nan)
+            self._memo_version = version
+        try:
+            out = self._memo[layers, experts]  # [C]
+        except IndexError:  # a key beyond the table: grow it (cleared) to hold every candidate
+            shape = (max(int(layers.max()) + 1, self._memo.shape[0]), max(int(experts.max()) + 1, self._memo.shape[1]))
+            self._memo = np.full(shape, np.nan)
+            out = self._memo[layers, experts]
+        new = np.isnan(out).nonzero()[0]
         if new.size:
             out[new] = super().score_array(layers[new], experts[new])
             self._memo[layers[new], experts[new]] = out[new]
