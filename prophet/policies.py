@@ -22,6 +22,21 @@ def keys(layers: np.ndarray, experts: np.ndarray) -> list[Key]:
     return list(zip(layers.tolist(), experts.tolist(), strict=True))
 
 
+def gather(table: np.ndarray, layers: np.ndarray, experts: np.ndarray, missing: float | int) -> np.ndarray:
+    """``[C]`` entries ``table[layer, expert]`` of a per-key table, ``missing`` for keys beyond its shape."""
+    inside = (layers < table.shape[0]) & (experts < table.shape[1])
+    out = np.full(len(layers), missing, table.dtype)
+    out[inside] = table[layers[inside], experts[inside]]
+    return out
+
+
+def _grown(table: np.ndarray, layer: int, expert: int, fill: float) -> np.ndarray:
+    """``table`` enlarged (new entries ``fill``) to hold key ``(layer, expert)``."""
+    out = np.full((max(layer + 1, table.shape[0]), max(expert + 1, table.shape[1])), fill)
+    out[: table.shape[0], : table.shape[1]] = table
+    return out
+
+
 class EvictionPolicy:
     """Interface every policy implements; the cache calls these as keys enter, are used and leave."""
 
@@ -79,9 +94,7 @@ class LRU(EvictionPolicy):
     def _restamp(self, key: Key) -> None:
         """``key`` moved to the order's end: its stamp becomes the largest, so stamps sort as the order does."""
         if key[0] >= self._stamp.shape[0] or key[1] >= self._stamp.shape[1]:
-            grown = np.full((max(key[0] + 1, self._stamp.shape[0]), max(key[1] + 1, self._stamp.shape[1])), np.inf)
-            grown[: self._stamp.shape[0], : self._stamp.shape[1]] = self._stamp
-            self._stamp = grown
+            self._stamp = _grown(self._stamp, *key, np.inf)
         self._stamp[key] = next(self._clock)
 
     def order(self) -> Iterable[Key]:
@@ -99,10 +112,7 @@ class LRU(EvictionPolicy):
     def choose(self, layers: np.ndarray, experts: np.ndarray) -> Key:
         """`victim` by the keys' stamps instead of a walk over the whole order: the oldest stamp; a key not in
         the order ranks last, and with none in it the first candidate is chosen."""
-        inside = (layers < self._stamp.shape[0]) & (experts < self._stamp.shape[1])
-        stamps = np.full(len(layers), np.inf)
-        stamps[inside] = self._stamp[layers[inside], experts[inside]]
-        i = int(np.argmin(stamps))  # the first minimum
+        i = int(np.argmin(gather(self._stamp, layers, experts, np.inf)))  # the first minimum
         return int(layers[i]), int(experts[i])
 
 
@@ -231,15 +241,12 @@ class PredictionAware(ScoredPolicy):
         if version != self._memo_version:
             self._memo.fill(np.nan)
             self._memo_version = version
-        try:
-            out = self._memo[layers, experts]  # [C]
-        except IndexError:  # a key beyond the table: grow it (cleared) to hold every candidate
-            shape = (max(int(layers.max()) + 1, self._memo.shape[0]), max(int(experts.max()) + 1, self._memo.shape[1]))
-            self._memo = np.full(shape, np.nan)
-            out = self._memo[layers, experts]
+        out = gather(self._memo, layers, experts, np.nan)  # [C]
         new = np.isnan(out).nonzero()[0]
         if new.size:
             out[new] = super().score_array(layers[new], experts[new])
+            if layers.max() >= self._memo.shape[0] or experts.max() >= self._memo.shape[1]:
+                self._memo = _grown(self._memo, int(layers.max()), int(experts.max()), np.nan)
             self._memo[layers[new], experts[new]] = out[new]
         return out
 
@@ -283,10 +290,7 @@ class Belady(ScoredPolicy):
         return self._next_uses(np.fromiter((self._index.get(k, -1) for k in candidates), np.int64, len(candidates)))
 
     def score_array(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
-        inside = (layers < self._rows.shape[0]) & (experts < self._rows.shape[1])
-        rows = np.full(len(layers), -1, np.int64)
-        rows[inside] = self._rows[layers[inside], experts[inside]]
-        return self._next_uses(rows)
+        return self._next_uses(gather(self._rows, layers, experts, -1))
 
     def _next_uses(self, rows: np.ndarray) -> np.ndarray:
         """``[C]`` negated next-use positions of the keys at ``rows [C]`` of the future (-1: never used)."""
