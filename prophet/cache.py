@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from prophet.errors import CapacityError
@@ -67,6 +68,19 @@ class SlotPool:
         self.slot_of: dict[Key, int] = {}
         self.free = list(range(num_slots - 1, -1, -1))
         self.policy = policy
+        # The slots' keys as arrays ([S] layer and expert, -1 when empty), so a pool of thousands of slots finds its
+        # eviction candidates without a Python pass over every slot. ``watch`` holds every slot that may be pinned,
+        # loading or prefetched (a superset: a slot leaves it once seen clean); all others are evictable if full.
+        self.layer_of = np.full(num_slots, -1, np.int64)
+        self.expert_of = np.full(num_slots, -1, np.int64)
+        self.watch: set[int] = set()
+
+    def put(self, s: int, slot: _Slot) -> None:
+        """Store ``slot`` at index ``s``, keeping the key arrays and ``watch`` in step."""
+        self.slots[s] = slot
+        self.layer_of[s], self.expert_of[s] = slot.key if slot.key is not None else (-1, -1)
+        if slot.pins or slot.load is not None or slot.prefetched:
+            self.watch.add(s)
 
     @property
     def num_slots(self) -> int:
@@ -168,11 +182,13 @@ class ExpertCache:
                     slots[e] = s
                     touch((layer, e))
             stats.hits += len(slots)
+            pool.watch.update(slots.values())
             for e in experts:
                 if e not in slots:
                     stats.misses += 1
                     s = self._load(pool, (layer, e), prefetch=False)
                     pool.slots[s].pins += 1
+                    pool.watch.add(s)
                     slots[e] = s
                     pool.policy.touch((layer, e))
             ordered = [slots[e] for e in experts]
@@ -203,9 +219,7 @@ class ExpertCache:
         key = (layer, expert)
         if key in pool.slot_of:
             return False
-        fresh = self.step - self.store.num_layers
-        if not pool.free and not any(slot.key is not None and self._can_evict(slot, False, True, fresh)
-                                     for slot in pool.slots):
+        if not pool.free and not self._evictable_slots(pool, False, True).size:
             return False
         self._load(pool, key, prefetch=True)
         self.stats[layer].prefetches += 1
@@ -254,6 +268,19 @@ class ExpertCache:
                 and not (for_prefetch and slot.prefetched and slot.born > fresh)
                 and (slot.load is None or include_loading or done(slot.load))]
 
+    def _evictable_slots(self, pool: SlotPool, include_loading: bool, for_prefetch: bool = False) -> np.ndarray:
+        """`_evictable` as slot indices ``[C]``, ascending (the same keys in the same order): every full slot but
+        the watched ones that `_can_evict` refuses; watched slots found clean leave ``watch``."""
+        fresh = self.step - self.store.num_layers
+        mask = pool.layer_of >= 0  # [S]
+        for s in list(pool.watch):
+            slot = pool.slots[s]
+            if not slot.pins and slot.load is None and not slot.prefetched:
+                pool.watch.discard(s)
+            elif not self._can_evict(slot, include_loading, for_prefetch, fresh):
+                mask[s] = False
+        return mask.nonzero()[0]
+
     def _can_evict(self, slot: _Slot, include_loading: bool, for_prefetch: bool, fresh: int) -> bool:
         if slot.pins or (for_prefetch and slot.prefetched and slot.born > fresh):
             return False
@@ -265,8 +292,10 @@ class ExpertCache:
         scanning the whole pool."""
         order = pool.policy.order()
         if order is None:
-            candidates = self._evictable(pool, False, for_prefetch) or self._evictable(pool, True, for_prefetch)
-            return pool.policy.victim(candidates) if candidates else None
+            slots = self._evictable_slots(pool, False, for_prefetch)
+            if not slots.size:
+                slots = self._evictable_slots(pool, True, for_prefetch)
+            return pool.policy.choose(pool.layer_of[slots], pool.expert_of[slots]) if slots.size else None
         fresh = self.step - self.store.num_layers
         for include_loading in (False, True):
             for key in order:
@@ -292,7 +321,7 @@ class ExpertCache:
         if slot.prefetched:
             vstats.wasted_prefetches += 1
         pool.policy.remove(victim)
-        pool.slots[s] = _Slot()
+        pool.put(s, _Slot())
         return s
 
     def _load(self, pool: SlotPool, key: Key, prefetch: bool) -> int:
@@ -303,7 +332,7 @@ class ExpertCache:
             pool.free.append(s)  # the slot was emptied for this copy: give it back, as if never taken
             raise
         self.waits += self.engine.blocking
-        pool.slots[s] = _Slot(key=key, load=None if self.engine.done(load) else load, prefetched=prefetch, born=self.step)
+        pool.put(s, _Slot(key=key, load=None if self.engine.done(load) else load, prefetched=prefetch, born=self.step))
         if pool.slots[s].load is not None:
             self._loads.append(load)
         pool.slot_of[key] = s
@@ -335,7 +364,7 @@ class ExpertCache:
             for s, slot in enumerate(pool.slots):
                 if slot.key is not None and pool.slot_of.get(slot.key) != s:
                     if slot.key in pool.slot_of:  # another slot claims the key: this one is a stray copy
-                        pool.slots[s] = _Slot()
+                        pool.put(s, _Slot())
                     else:
                         pool.slot_of[slot.key] = s
                         pool.policy.insert(slot.key)

@@ -17,6 +17,26 @@ from prophet.errors import ConfigError
 Key = tuple[int, int]  # (moe layer index, expert id)
 
 
+def keys(layers: np.ndarray, experts: np.ndarray) -> list[Key]:
+    """``[C]`` layer and expert arrays as a list of keys."""
+    return list(zip(layers.tolist(), experts.tolist(), strict=True))
+
+
+def gather(table: np.ndarray, layers: np.ndarray, experts: np.ndarray, missing: float | int) -> np.ndarray:
+    """``[C]`` entries ``table[layer, expert]`` of a per-key table, ``missing`` for keys beyond its shape."""
+    inside = (layers < table.shape[0]) & (experts < table.shape[1])
+    out = np.full(len(layers), missing, table.dtype)
+    out[inside] = table[layers[inside], experts[inside]]
+    return out
+
+
+def _grown(table: np.ndarray, layer: int, expert: int, fill: float) -> np.ndarray:
+    """``table`` enlarged (new entries ``fill``) to hold key ``(layer, expert)``."""
+    out = np.full((max(layer + 1, table.shape[0]), max(expert + 1, table.shape[1])), fill)
+    out[: table.shape[0], : table.shape[1]] = table
+    return out
+
+
 class EvictionPolicy:
     """Interface every policy implements; the cache calls these as keys enter, are used and leave."""
 
@@ -35,6 +55,11 @@ class EvictionPolicy:
         """Which of ``candidates`` (non-empty, all resident and evictable) to evict."""
         raise NotImplementedError
 
+    def choose(self, layers: np.ndarray, experts: np.ndarray) -> Key:
+        """`victim` of the candidates given as arrays ``layers [C]``, ``experts [C]`` (what the cache keeps);
+        policies that rank arrays faster than key lists override it, with the same answer."""
+        return self.victim(keys(layers, experts))
+
     def order(self) -> Iterable[Key] | None:
         """Resident keys in eviction order (first = evicted first), when the policy ranks by a total order that
         `victim` follows; None when it must see the candidates."""
@@ -47,18 +72,30 @@ class LRU(EvictionPolicy):
     name = "lru"
 
     def __init__(self) -> None:
-        self._order: OrderedDict[Key, None] = OrderedDict()
+        self._order: OrderedDict[Key, None] = OrderedDict()  # oldest first
+        self._clock = itertools.count()
+        self._stamp = np.full((0, 0), np.inf)  # [layer, expert] when each key entered the order's end; inf: absent
 
     def insert(self, key: Key) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
+        self._restamp(key)
 
     def touch(self, key: Key) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
+        self._restamp(key)
 
     def remove(self, key: Key) -> None:
         self._order.pop(key, None)
+        if key[0] < self._stamp.shape[0] and key[1] < self._stamp.shape[1]:
+            self._stamp[key] = np.inf
+
+    def _restamp(self, key: Key) -> None:
+        """``key`` moved to the order's end: its stamp becomes the largest, so stamps sort as the order does."""
+        if key[0] >= self._stamp.shape[0] or key[1] >= self._stamp.shape[1]:
+            self._stamp = _grown(self._stamp, *key, np.inf)
+        self._stamp[key] = next(self._clock)
 
     def order(self) -> Iterable[Key]:
         return self._order
@@ -72,6 +109,12 @@ class LRU(EvictionPolicy):
                 return key
         return candidates[0]
 
+    def choose(self, layers: np.ndarray, experts: np.ndarray) -> Key:
+        """`victim` by the keys' stamps instead of a walk over the whole order: the oldest stamp; a key not in
+        the order ranks last, and with none in it the first candidate is chosen."""
+        i = int(np.argmin(gather(self._stamp, layers, experts, np.inf)))  # the first minimum
+        return int(layers[i]), int(experts[i])
+
 
 class FIFO(LRU):
     """First in, first out: uses do not refresh a key."""
@@ -81,6 +124,7 @@ class FIFO(LRU):
     def touch(self, key: Key) -> None:
         if key not in self._order:
             self._order[key] = None
+            self._restamp(key)
 
 
 class LFU(EvictionPolicy):
@@ -133,10 +177,21 @@ class ScoredPolicy(EvictionPolicy):
     def scores(self, candidates: Sequence[Key]) -> list[float]:
         return [self.score(k) for k in candidates]
 
+    def score_array(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """``[C]`` `scores` of the candidates given as arrays (subclasses score them without key tuples)."""
+        return np.asarray(self.scores(keys(layers, experts)), dtype=np.float64)
+
     def victim(self, candidates: Sequence[Key]) -> Key:
         scores = np.asarray(self.scores(candidates), dtype=np.float64)  # [C]: one pass, a pool may hold thousands
         tied = np.flatnonzero(scores == scores.min())
         return candidates[tied[0]] if len(tied) == 1 else self.base.victim([candidates[j] for j in tied])
+
+    def choose(self, layers: np.ndarray, experts: np.ndarray) -> Key:
+        scores = self.score_array(layers, experts)  # [C]
+        tied = (scores == scores.min()).nonzero()[0]
+        if len(tied) == 1:
+            return int(layers[tied[0]]), int(experts[tied[0]])
+        return self.base.choose(layers[tied], experts[tied])
 
 
 POLICY_FACTORIES: dict[str, Callable[[], EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "fifo": FIFO}
@@ -169,9 +224,31 @@ class PredictionAware(ScoredPolicy):
                  batch: Callable[[Sequence[Key]], list[float]] | None = None) -> None:
         super().__init__(lambda key: scorer(*key), base)
         self._batch = batch  # scorer of many keys at once (same values), for pools of many slots
+        # A bound method of a predictor that counts its observations (``version``, as RoutingPredictor does) gives
+        # the same score for a key until the count moves: `score_array` then scores each key once per version.
+        owner = getattr(batch if batch is not None else scorer, "__self__", None)
+        self._version = (lambda: owner.version) if isinstance(getattr(owner, "version", None), int) else None
+        self._memo_version: int | None = None
+        self._memo = np.empty((0, 0))  # [layer, expert] scores of this version, NaN where not yet scored
 
     def scores(self, candidates: Sequence[Key]) -> list[float]:
         return self._batch(candidates) if self._batch is not None else super().scores(candidates)
+
+    def score_array(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        if self._version is None:
+            return super().score_array(layers, experts)
+        version = self._version()
+        if version != self._memo_version:
+            self._memo.fill(np.nan)
+            self._memo_version = version
+        out = gather(self._memo, layers, experts, np.nan)  # [C]
+        new = np.isnan(out).nonzero()[0]
+        if new.size:
+            out[new] = super().score_array(layers[new], experts[new])
+            if layers.max() >= self._memo.shape[0] or experts.max() >= self._memo.shape[1]:
+                self._memo = _grown(self._memo, int(layers.max()), int(experts.max()), np.nan)
+            self._memo[layers[new], experts[new]] = out[new]
+        return out
 
 
 class Belady(ScoredPolicy):
@@ -193,6 +270,10 @@ class Belady(ScoredPolicy):
         self._first = np.concatenate([[0], np.cumsum(self._count)[:-1]]).astype(np.int64)  # [K] offset in _flat
         self._flat = np.array([p for v in uses.values() for p in v], dtype=np.float64)  # positions, key by key
         self._seen = np.zeros(len(self._count), dtype=np.int64)  # [K] touches of each key so far
+        shape = tuple(max((k[i] for k in uses), default=-1) + 1 for i in (0, 1))
+        self._rows = np.full(shape, -1, np.int64)  # [layer, expert] -> row of the key, -1 if it is never used
+        for key, i in self._index.items():
+            self._rows[key] = i
 
     def touch(self, key: Key) -> None:
         i = self._index.get(key)
@@ -206,7 +287,13 @@ class Belady(ScoredPolicy):
 
     def scores(self, candidates: Sequence[Key]) -> np.ndarray:
         """``[C]`` negated next-use positions of ``candidates`` (-inf for never again)."""
-        rows = np.fromiter((self._index.get(k, -1) for k in candidates), np.int64, len(candidates))
+        return self._next_uses(np.fromiter((self._index.get(k, -1) for k in candidates), np.int64, len(candidates)))
+
+    def score_array(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return self._next_uses(gather(self._rows, layers, experts, -1))
+
+    def _next_uses(self, rows: np.ndarray) -> np.ndarray:
+        """``[C]`` negated next-use positions of the keys at ``rows [C]`` of the future (-1: never used)."""
         known = rows >= 0
         seen = np.where(known, self._seen[rows], 0)
         left = known & (seen < np.where(known, self._count[rows], 0))

@@ -25,6 +25,7 @@ feature is a mean over A, so its scale does not grow with K) and the per-pick Di
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zipfile
@@ -423,20 +424,39 @@ def generate(
     name: str | None = None,
     progress: bool = True,
 ) -> Trace:
-    """A trace of ``num_sequences`` sequences drawn from ``params`` (shape: params' L, E and top-k)."""
-    lengths = np.broadcast_to(np.asarray(tokens_per_sequence, np.int64), (num_sequences,)).copy()
-    if (lengths < 1).any():
-        raise TraceError(f"tokens_per_sequence must be >= 1, got {tokens_per_sequence}")
+    """A trace of ``num_sequences`` sequences drawn from ``params`` (shape: params' L, E and top-k).
+
+    Token t at layer l depends on (t, l-1) and (t-1, l) only, so every cell of one anti-diagonal t + l is drawn
+    at once (`_draw_diagonal`): T + L - 1 sequential rounds instead of T x L. Each cell sees the same float
+    operations and random numbers as the cell-by-cell `generate_reference`, so the trace is bit-identical.
+    """
+    lengths = _lengths(num_sequences, tokens_per_sequence)
+    L, K = params.num_layers, params.top_k
+    rng = np.random.default_rng(seed)
+    s, tmax = num_sequences, int(lengths.max())
+    experts = np.zeros((s, tmax, L, K), np.int16)
+    uniform, weights = _draws(params, rng, s, tmax)
+    tables = _tables(params)
+    for d in tqdm(range(tmax + L - 1), desc="synthesize", unit=" diag", disable=not progress, leave=False):
+        _draw_diagonal(params, tables, experts, uniform, d)
+    return _assemble(params, experts, weights, lengths, seed, name)
+
+
+def generate_reference(
+    params: SynthParams, num_sequences: int, tokens_per_sequence: int | list[int], *, seed: int = 0,
+    name: str | None = None,
+) -> Trace:
+    """`generate` cell by cell, token by token and layer by layer: the plain loop the fast path must equal."""
+    lengths = _lengths(num_sequences, tokens_per_sequence)
     L, E, K = params.num_layers, params.num_experts, params.top_k
     rng = np.random.default_rng(seed)
     s, tmax = num_sequences, int(lengths.max())
     experts = np.zeros((s, tmax, L, K), np.int16)
     weights = np.zeros((s, tmax, L, K), np.float32)
     rows = np.arange(s)
-    cross = _log_ratio(params.transition, params.popularity[1:, None, :])  # [L-1, E, E]
-    within = _log_ratio(params.within, params.popularity[:, None, :])  # [L, E, E]
+    cross, within = _tables(params)
     b_cross, b_time, b_within = params.coef.T  # [L] each
-    for t in tqdm(range(tmax), desc="synthesize", unit=" tok", disable=not progress, leave=False):
+    for t in range(tmax):
         uniform = 1.0 - rng.random((L, K, s, 1))  # in (0, 1]: never lands on a masked (zero) entry
         for layer in range(L):
             base = np.broadcast_to(params.logit[layer], (s, E)).copy()  # [s, E] score before any pick
@@ -454,7 +474,80 @@ def generate(
                 experts[:, t, layer, k] = pick
                 wsum += within[layer][pick]
         weights[:, t] = _draw_weights(params, rng, s)
-    keep = np.arange(tmax)[None, :] < lengths[:, None]  # [s, tmax]
+    return _assemble(params, experts, weights, lengths, seed, name)
+
+
+def _lengths(num_sequences: int, tokens_per_sequence: int | list[int]) -> np.ndarray:
+    """``[S]`` tokens of each sequence; refuses an empty one."""
+    lengths = np.broadcast_to(np.asarray(tokens_per_sequence, np.int64), (num_sequences,)).copy()
+    if (lengths < 1).any():
+        raise TraceError(f"tokens_per_sequence must be >= 1, got {tokens_per_sequence}")
+    return lengths
+
+
+def _tables(params: SynthParams) -> tuple[np.ndarray, np.ndarray]:
+    """PMI tables ``(cross [L-1, E, E], within [L, E, E])`` of the score's cross-layer and within-layer terms."""
+    cross = _log_ratio(params.transition, params.popularity[1:, None, :])
+    within = _log_ratio(params.within, params.popularity[:, None, :])
+    return cross, within
+
+
+def _draws(params: SynthParams, rng: np.random.Generator, s: int, tmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every random number of a generation, drawn in the reference's order (token by token: the picks'
+    uniforms, then the router weights): ``uniform [T, L, K, s, 1]`` in (0, 1] (never lands on a masked, zero
+    entry) and ``weights [s, T, L, K]``."""
+    L, K = params.num_layers, params.top_k
+    uniform = np.empty((tmax, L, K, s, 1))
+    weights = np.zeros((s, tmax, L, K), np.float32)
+    for t in range(tmax):
+        uniform[t] = 1.0 - rng.random((L, K, s, 1))
+        weights[:, t] = _draw_weights(params, rng, s)
+    return uniform, weights
+
+
+def _draw_diagonal(params: SynthParams, tables: tuple[np.ndarray, np.ndarray], experts: np.ndarray,
+                   uniform: np.ndarray, d: int) -> None:
+    """Draw the K experts of every cell (t, l) with t + l = d into ``experts [s, T, L, K]``, in the reference's
+    float operations: C cells x s sequences as one ``[C, s, E]`` batch."""
+    cross, within = tables
+    s, tmax, L, K = experts.shape
+    E = params.num_experts
+    layers = np.arange(max(0, d - tmax + 1), min(L - 1, d) + 1)  # [C]
+    times = d - layers  # [C]
+    b_cross, b_time, b_within = params.coef.T  # [L] each
+    base = params.logit[layers][:, None, :].repeat(s, axis=1)  # [C, s, E] score before any pick
+    up = layers > 0  # cells with a layer above: the cross-layer term
+    if up.any():
+        lu, tu = layers[up], times[up]
+        above = experts[:, tu, lu - 1].transpose(1, 0, 2)  # [Cu, s, K]
+        feat = cross[(lu - 1)[:, None, None], above].mean(2)  # [Cu, s, E]
+        base[up] += b_cross[lu][:, None, None] * feat
+    back = times > 0  # cells with a token before: the temporal term
+    if back.any():
+        cb = np.flatnonzero(back)
+        prev = experts[:, times[cb] - 1, layers[cb]].transpose(1, 0, 2)  # [Cb, s, K]
+        base[cb[:, None, None], np.arange(s)[None, :, None], prev] += b_time[layers[cb]][:, None, None]
+    c = len(layers)
+    cells, seqs = np.arange(c)[:, None, None], np.arange(s)[None, :, None]
+    wsum = np.zeros((c, s, E))  # within-layer PMI summed over each token's picks so far
+    picked = np.empty((c, s, K), np.int64)
+    for k in range(K):  # sequential Plackett-Luce draws by inverse CDF of softmax(score)
+        score = base + (b_within[layers] / k)[:, None, None] * wsum if k else base
+        prob = np.exp(score - score.max(2, keepdims=True))
+        prob[cells, seqs, picked[:, :, :k]] = 0.0
+        cdf = np.cumsum(prob, 2)
+        u = uniform[times, layers, k]  # [C, s, 1]
+        pick = np.minimum((cdf < u * cdf[:, :, -1:]).sum(2), E - 1)  # [C, s]
+        picked[:, :, k] = pick
+        wsum += within[layers[:, None], pick]
+    experts[:, times, layers] = picked.transpose(1, 0, 2)
+
+
+def _assemble(params: SynthParams, experts: np.ndarray, weights: np.ndarray, lengths: np.ndarray, seed: int,
+              name: str | None) -> Trace:
+    """The generated ``experts``/``weights [s, T, L, K]`` cut to each sequence's length, as a decode trace."""
+    L, E, K = params.num_layers, params.num_experts, params.top_k
+    keep = np.arange(experts.shape[1])[None, :] < lengths[:, None]  # [s, tmax]
     model = TraceModel(
         name=name or f"synthetic:{params.name}", model_type="synthetic", num_layers=L, num_experts=E, top_k=K
     )
@@ -501,8 +594,13 @@ def builtin(name: str) -> SynthParams:
         return SynthParams.load(p)
 
 
+@functools.lru_cache(maxsize=8)
 def for_shape(num_layers: int, num_experts: int, top_k: int, seed: int = 0) -> SynthParams:
-    """Parameters for any shape: the real-model set nearest in expert count (log scale), adapted."""
+    """Parameters for any shape: the real-model set nearest in expert count (log scale), adapted.
+
+    Memoized: adapting calibrates by generating thousands of tokens (seconds for a large model), and a bench
+    run asks twice (the replayed sample and the one predictors fit on). The parameters are read, never changed.
+    """
     base = min(REAL, key=lambda n: abs(np.log(builtin(n).num_experts / num_experts)))
     return builtin(base).adapt(num_layers, num_experts, top_k, seed=seed)
 
