@@ -245,8 +245,9 @@ class PathMatchPredictor(PathMatchReference):
     differ in the last float32 bits (summation order), which tests bound.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, **kw: Any) -> None:
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, native: bool = True, **kw: Any) -> None:
         super().__init__(num_layers, num_experts, top_k, **kw)
+        self.native = native  # False: the numpy fast paths even where the kernel builds (to compare them)
         self._path: list[list[int] | None] = [None] * num_layers  # this token's experts per layer (batch 1)
         self._near: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, rows [n], weights [n])
         self._groups: dict[bytes, tuple] = {}  # distances (as shifts and layers) -> `_group`
@@ -255,7 +256,7 @@ class PathMatchPredictor(PathMatchReference):
 
     def _attach(self) -> None:
         """Bind the compiled kernel, if any (again after a copy or unpickling: addresses do not travel)."""
-        self._kernel = PathMatchKernel.for_predictor(self)
+        self._kernel = PathMatchKernel.for_predictor(self) if self.native else None
         if self._kernel is not None:
             self._kernel.restore(self._path)
 

@@ -53,6 +53,7 @@ def test_a_copy_mid_token_continues_as_the_original():
     fit = random_trace(rng, 40, 4, 8, 2, seqs=2)
     p = PathMatchPredictor(4, 8, 2, max_online=6).fit([fit])
     _run(p, _steps(rng, 5, 4, 8, 2)[:-2], 4)  # stop inside a token
+    assert PathMatchPredictor(4, 8, 2, native=False)._kernel is None  # asked for the numpy paths
     twins = [copy.deepcopy(p), pickle.loads(pickle.dumps(p))]
     assert all(t._kernel is not None for t in twins)
     rest = _steps(rng, 9, 4, 8, 2)[2:]
