@@ -106,7 +106,7 @@ def test_pathmatch_kernel_shapes_and_wrapping_distances(experts, k, neighbours, 
     # window that slides, and distances up to three tokens ahead (wrapping through successor chains)
     rng = np.random.default_rng(experts + k)
     L = 5
-    fit = random_trace(rng, 80, L, experts, k, seqs=4)
+    fit = random_trace(rng, 300, L, experts, k, seqs=4)  # more rows than a block of the pick (64)
     kw = {"max_online": 12, "neighbours": neighbours, "power": 1.5 if k == 8 else 2.0}
     fast = PathMatchPredictor(L, experts, k, **kw).fit([fit])
     ref = PathMatchReference(L, experts, k, **kw).fit([fit])
