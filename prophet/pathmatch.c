@@ -59,12 +59,14 @@ static float block_max(const float *x) {
 
 /* sim = sim * decay + (sum of this layer's k expert rows), the layer recorded in the token's column; then
    the n nearest rows and their weights. The k ids are a, b when k <= 2, else P[IDS]. layer < 0: only pick
-   the neighbours of sim as it is. */
-void prophet_pm_observe(i64 *P, const double *F, int layer, int k, int a_id, int b_id) {
+   the neighbours of sim as it is. Returns 1, changing nothing, when an id is not an expert (0..E-1). */
+int prophet_pm_observe(i64 *P, const double *F, int layer, int k, int a_id, int b_id) {
     const i64 E = P[NE], cap = P[CAP], m = P[M];
     const float *col = (const float *)P[MEM] + (layer < 0 ? 0 : layer) * (E + 1) * cap;
     const i64 pair[2] = {a_id, b_id};
     const i64 *ids = k <= 2 ? pair : (const i64 *)P[IDS];
+    for (int j = 0; j < k; j++)
+        if (ids[j] < 0 || ids[j] >= E) return 1;
     if (layer >= 0) {
         float *tok = (float *)P[TOK] + layer * (E + 1);
         for (i64 e = 0; e < E; e++) tok[e] = 0.0f;
@@ -113,6 +115,7 @@ void prophet_pm_observe(i64 *P, const double *F, int layer, int k, int a_id, int
     const float power = (float)F[1];
     for (i64 i = 0; i < n; i++) w[i] = F[1] == 2.0 ? heap[i] * heap[i] : powf(heap[i], power);
     P[FOUND] = n;
+    return 0;
 }
 
 /* out[d, e] = (votes + prior_votes[j, e]) / (total + prior) for distances dist [D]: the neighbours' rows

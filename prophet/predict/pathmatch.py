@@ -22,6 +22,8 @@ from prophet.predict.pathmatch_kernel import PathMatchKernel
 
 # `PathMatchPredictor` remembers how at most this many sets of look-ahead distances group by layer.
 _MAX_GROUPS = 4096
+
+
 def nearest(sim: np.ndarray, n: int) -> np.ndarray:
     """The rows of the ``n`` largest ``(similarity, row)`` pairs of ``sim [M]`` (all rows when ``n >= M``).
 

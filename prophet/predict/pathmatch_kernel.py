@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from prophet import native
+from prophet.errors import ConfigError
 
 if TYPE_CHECKING:
     from prophet.predict.pathmatch import PathMatchReference
@@ -33,8 +34,8 @@ def library() -> ctypes.CDLL | None:
     ready `ctypes.c_void_p` objects and small numbers as Python ints, which ctypes passes as C ints."""
     lib = native.library("pathmatch")
     if lib is not None:
-        for f in (lib.prophet_pm_observe, lib.prophet_pm_scores, lib.prophet_pm_carry, lib.prophet_pm_store):
-            f.restype = None
+        for f in (lib.prophet_pm_scores, lib.prophet_pm_carry, lib.prophet_pm_store):
+            f.restype = None  # prophet_pm_observe returns a C int: 1 for an id that is not an expert
     return lib
 
 
@@ -128,11 +129,14 @@ class PathMatchKernel:
         """``sim = sim * decay + this layer's matches``; the neighbours picked; the layer kept for the store."""
         k = len(row)
         if k == 2:
-            self.observe_call(self.p_addr, self.f_addr, layer, 2, row[0], row[1])
+            bad = self.observe_call(self.p_addr, self.f_addr, layer, 2, row[0], row[1])
         else:
             if k > 2:
                 self.ids[:k] = row
-            self.observe_call(self.p_addr, self.f_addr, layer, k, row[0] if k else 0, 0)
+            bad = self.observe_call(self.p_addr, self.f_addr, layer, k, row[0] if k else 0, 0)
+        if bad:
+            raise ConfigError(f"layer {layer} routed to experts {row}, but the predictor was built for "
+                              f"{self.out.shape[1]} experts per layer: build it with the model's num_experts")
         self.picked = version
 
     def pick(self, version: int) -> None:

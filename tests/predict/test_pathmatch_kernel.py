@@ -11,6 +11,7 @@ import pytest
 from predict_helpers import random_trace
 
 from prophet import native
+from prophet.errors import ConfigError
 from prophet.predict import PathMatchPredictor, pathmatch_kernel
 from prophet.predict.pathmatch import PathMatchReference
 
@@ -78,3 +79,16 @@ def test_the_library_is_built_once_per_source(monkeypatch, tmp_path):
         assert list(tmp_path.glob("pathmatch-*.so")) == built  # found, not rebuilt
     finally:
         native._load.cache_clear()
+
+
+def test_an_id_past_the_experts_raises_and_changes_nothing():
+    if pathmatch_kernel.library() is None:
+        pytest.skip("no C compiler here: the kernel cannot be built")
+    fit = random_trace(np.random.default_rng(2), 10, 2, 4, 2)
+    for bad in ([[1, 4]], [[0, 1, 9]]):
+        p = PathMatchPredictor(2, 4, 2).fit([fit])
+        p.observe(0, np.array([[1, 2]]), None)
+        before = p.sim.copy()
+        with pytest.raises(ConfigError, match="4 experts"):
+            p.observe(1, np.array(bad), None)
+        np.testing.assert_array_equal(p.sim, before)
