@@ -55,7 +55,13 @@ def host_threads() -> int | None:
     return int(value)
 
 
+def native_kernels() -> bool:
+    """``PROPHET_NATIVE``: compile and use Prophet's small C kernels (`prophet.native`; default on). ``0``
+    keeps every numpy path, e.g. to compare against them."""
+    return _flag("PROPHET_NATIVE", default=True)
+
+
 def cache_dir() -> Path:
-    """``PROPHET_CACHE_DIR``, else ``~/.cache/prophet``: where the host kernel is compiled to."""
+    """``PROPHET_CACHE_DIR``, else ``~/.cache/prophet``: where the host kernels are compiled to."""
     value = os.environ.get("PROPHET_CACHE_DIR")
     return Path(value) if value else Path.home() / ".cache" / "prophet"

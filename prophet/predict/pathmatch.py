@@ -17,10 +17,28 @@ import numpy as np
 from prophet.errors import ConfigError
 from prophet.predict.base import RoutingPredictor, union
 from prophet.predict.data import RouterTrace
+from prophet.predict.pathmatch_kernel import PathMatchKernel
 
 
 # `PathMatchPredictor` remembers how at most this many sets of look-ahead distances group by layer.
 _MAX_GROUPS = 4096
+
+
+def nearest(sim: np.ndarray, n: int) -> np.ndarray:
+    """The rows of the ``n`` largest ``(similarity, row)`` pairs of ``sim [M]`` (all rows when ``n >= M``).
+
+    The one tie rule of every path (numpy and `prophet/pathmatch.c`): among rows tied at the cut the latest
+    win, the most recent context, so the neighbours do not depend on how a partial sort orders ties."""
+    m = len(sim)
+    if n >= m:
+        return np.arange(m)
+    top = sim.argpartition(m - n)[m - n :]
+    cut = sim.take(top).min()
+    tied = sim == cut
+    if np.count_nonzero(tied) == np.count_nonzero(sim.take(top) == cut):
+        return top  # every row at the cut is in: no choice was made
+    above = np.flatnonzero(sim > cut)
+    return np.concatenate([above, np.flatnonzero(tied)[len(above) - n :]])
 
 
 class PathMatchReference(RoutingPredictor):
@@ -192,14 +210,7 @@ class PathMatchReference(RoutingPredictor):
         """The most similar memory rows of each current token ``[T, n]`` and their vote weights ``[T, n]``."""
         if self._top is not None and self._top[0] == self.version:
             return self._top[1]
-        m = self.sim.shape[1]
-        n = min(self.neighbours, m)
-        if n == m:
-            top = np.tile(np.arange(m), (len(self.sim), 1))
-        elif len(self.sim) == 1:  # batch 1: the 1-D partition costs less than the general one's index plumbing
-            top = np.argpartition(self.sim[0], m - n)[None, m - n :]
-        else:
-            top = np.argpartition(self.sim, m - n, axis=1)[:, m - n :]
+        top = np.stack([nearest(row, self.neighbours) for row in self.sim])  # [T, n]
         found = (top, np.take_along_axis(self.sim, top, axis=1) ** self.power)
         self._top = (self.version, found)
         return found
@@ -229,20 +240,51 @@ class PathMatchPredictor(PathMatchReference):
     neighbours and scores; the distances landing on one layer share a gather, a row's few floats are finished
     in Python, and the finished token's path is kept as lists until it is stored. Batches larger than one take
     the reference paths.
+
+    Where a C compiler is found (`prophet.native`, off with ``PROPHET_NATIVE=0``) the batch-1 paths are
+    `prophet/pathmatch.c` instead: one call observes and picks the neighbours, one scores every distance, one
+    carries the similarities into a new token. Its similarities and neighbours are the numpy paths'; its votes
+    differ in the last float32 bits (summation order), which tests bound.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, **kw: Any) -> None:
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, native: bool = True, **kw: Any) -> None:
         super().__init__(num_layers, num_experts, top_k, **kw)
+        self.native = native  # False: the numpy fast paths even where the kernel builds (to compare them)
         self._path: list[list[int] | None] = [None] * num_layers  # this token's experts per layer (batch 1)
         self._near: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, rows [n], weights [n])
         self._groups: dict[bytes, tuple] = {}  # distances (as shifts and layers) -> `_group`
         self._priors: tuple[Any, list[list[float]]] = (None, [])  # (prior_votes, the same as lists)
+        self._attach()
+
+    def _attach(self) -> None:
+        """Bind the compiled kernel, if any (again after a copy or unpickling: addresses do not travel)."""
+        self._kernel = PathMatchKernel.for_predictor(self) if self.native else None
+        if self._kernel is not None:
+            self._kernel.restore(self._path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_kernel"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._attach()
 
     def fit(self, traces: Sequence[RouterTrace]) -> PathMatchPredictor:
         super().fit(traces)
         return self
 
     def _store_token(self) -> None:
+        kernel = self._kernel
+        if kernel is not None and self.online and self._path.count(None) < self.num_layers:
+            if self.size - self.fitted >= self.max_online:
+                self._forget(max(1, self.max_online // 4))  # as the reference slides its window
+            self._grow(self.size + 1)
+            kernel.store(self)  # the reference's `_append` of one token and its link, in one call
+            self.size += 1
+            self._last_row = self.size - 1
+            self._path = [None] * self.num_layers
+            self._priors = (None, [])  # the prior votes changed in place
+            return
         seen = [layer for layer, row in enumerate(self._path) if row is not None]
         if seen:  # the reference's multi-hot row, in two assignments
             self._row[[layer for layer in seen for _ in self._path[layer]],
@@ -251,8 +293,35 @@ class PathMatchPredictor(PathMatchReference):
             self._path = [None] * self.num_layers
         super()._store_token()
 
+    def _grow(self, need: int) -> None:
+        if need >= self.mem.shape[2] and self._kernel is not None:
+            self._kernel.bound = None
+        super()._grow(need)
+
+    def _append(self, hot: np.ndarray, valid: np.ndarray, seq_starts: np.ndarray) -> None:
+        super()._append(hot, valid, seq_starts)
+        if self._kernel is not None:
+            self._kernel.bound = None
+
+    def _new_token(self, batch: int) -> None:
+        if self._kernel is None or batch != 1:
+            super()._new_token(batch)
+            return
+        self._store_token()
+        self._kernel.carry(self)
+
     def _observe(self, layer: int, rows: list[list[int]], weights: object, hidden: object) -> None:
         m = self.size
+        kernel = self._kernel
+        if kernel is not None and len(rows) == 1:
+            if self.sim is not kernel.view or kernel.bound is None:  # not where the kernel reads it
+                if self.sim.shape != (1, m):
+                    self.sim = np.zeros((1, m), np.float32)
+                kernel.ready(self)
+            kernel.observe(layer, rows[0], self.version)
+            if self.online:
+                self._path[layer] = rows[0]
+            return
         if len(rows) != 1 or self.sim.shape != (1, m):
             super()._observe(layer, rows, weights, hidden)
             return
@@ -275,9 +344,7 @@ class PathMatchPredictor(PathMatchReference):
         if near is not None and near[0] == self.version:
             return near[1], near[2]
         sim = self.sim[0]
-        m = len(sim)
-        n = min(self.neighbours, m)
-        top = np.arange(m) if n == m else sim.argpartition(m - n)[m - n :]
+        top = nearest(sim, self.neighbours)
         near = sim.take(top)
         w = near * near if self.power == 2.0 else near**self.power  # x * x is what numpy's x ** 2 computes
         self._near = (self.version, top, w)
@@ -286,15 +353,34 @@ class PathMatchPredictor(PathMatchReference):
     def _forget(self, count: int) -> None:
         super()._forget(count)
         self._near = None
+        if self._kernel is not None:
+            self._kernel.bound = None
+            self._kernel.picked = -1
 
     def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
         if self.sim.shape[0] != 1 or not self.sim.shape[1]:
             return super()._scores(distances, shifts, layers)
         return np.array(self._score_lists(distances, shifts, layers))
 
+    def _kernel_ready(self) -> bool:
+        """True when this batch-1 step's neighbours and scores come from the kernel."""
+        return self._kernel is not None and self.sim.shape[0] == 1 and self._kernel.ready(self)
+
+    def neighbours_of(self) -> tuple[np.ndarray, np.ndarray]:
+        if not (self.sim.shape[1] and self._kernel_ready()):
+            return super().neighbours_of()
+        self._kernel.pick(self.version)
+        top, w = self._kernel.neighbours()
+        return top[None], w[None]
+
     def _score_lists(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> list[list[float]]:
+        kernel = self._kernel
+        if kernel is not None and self.sim is kernel.view and kernel.bound is not None and self.size:
+            return kernel.scores(self.layer, distances, self.version)
         if self.sim.shape[0] != 1 or not self.sim.shape[1]:
             return super()._score_lists(distances, shifts, layers)
+        if self._kernel_ready():
+            return self._kernel.scores(self.layer, distances, self.version)
         top, w = self._neighbours1()
         key = shifts.tobytes() + layers.tobytes()
         look = self._groups.get(key)

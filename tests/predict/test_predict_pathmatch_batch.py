@@ -9,6 +9,7 @@ from predict_helpers import random_trace
 
 from prophet.predict import PathMatchPredictor
 from prophet.predict.base import union
+from prophet.predict.pathmatch import nearest
 
 
 def per_token_scores(p: PathMatchPredictor, distances: np.ndarray) -> np.ndarray:
@@ -18,7 +19,7 @@ def per_token_scores(p: PathMatchPredictor, distances: np.ndarray) -> np.ndarray
     for sim in p.sim:
         m = len(sim)
         n = min(p.neighbours, m)
-        top = np.argpartition(sim, m - n)[m - n :]  # as the original per-token code chose among ties
+        top = nearest(sim, n)  # the neighbours, ties as every path breaks them
         w = sim[top] ** p.power
         rows = []
         for s, j in zip(shifts, layers, strict=True):
