@@ -25,6 +25,7 @@ from prophet.errors import ConfigError
 from prophet.predict.base import RoutingPredictor
 from prophet.predict.data import RouterTrace
 from prophet.predict.pathmatch import PathMatchPredictor
+from prophet.warm import frequencies, warm_order
 
 
 class ValuePredictor(RoutingPredictor):
@@ -58,13 +59,16 @@ class ValuePredictor(RoutingPredictor):
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def fit(self, traces: Sequence[RouterTrace]) -> ValuePredictor:
         self.near.fit(traces)
-        uses, tokens = np.zeros_like(self.base), np.zeros(self.num_layers)
+        seen = np.zeros(self.num_layers, dtype=bool)
         for tr in traces:
-            uses += tr.multi_hot().sum(axis=0)
-            tokens += (tr.experts[..., 0] >= 0).sum(axis=0)
-        seen = tokens > 0
-        self.base[seen] = uses[seen] / tokens[seen, None]
+            seen |= (tr.experts[..., 0] >= 0).any(axis=0)
+        self.base[seen] = frequencies(traces, self.num_layers, self.num_experts)[seen]
         return self
+
+    def warm_order(self) -> list[tuple[int, int]]:
+        """The experts a cache should hold before a sequence starts, most valuable first: by fitted frequency
+        (`prophet.warm`), what the value of an expert is before the sequence has any history."""
+        return warm_order(self.base)
 
     def reset(self) -> None:
         super().reset()
