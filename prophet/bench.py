@@ -63,7 +63,7 @@ class BenchOptions:
     in_sample: bool = False
     repeat: bool = False
     policies: tuple[str, ...] = ("lru", "prophet")
-    predictor: str | None = None  # the prophet policy's predictor (default: path matching)
+    predictor: str | None = None  # the prophet policy's predictor (default: `prophet.sim.replay.PROPHET_PREDICTOR` of the miss mode)
     steps: int | None = None  # default: every replayed token once
     warmup: int = 16
     compare: bool = False

@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
     p.add_argument("--policy", type=names, default=("lru", "prophet"),
                    help="comma list: lru, lfu, fifo, belady, predicted, prophet (default lru,prophet)")
     p.add_argument("--predictor", default=None, help="predictor of the prophet policy (default: the one chosen by "
-                   "simulated speed for the miss mode: pathmatch copy-only, value with --on-miss auto/host); "
+                   "simulated speed for the miss mode: value-copy copy-only, value with --on-miss auto/host); "
                    "the other policies run on demand")
     p.add_argument("--steps", type=positive, default=None, help="decode steps to replay or time (default: every "
                    "replayed token once)")

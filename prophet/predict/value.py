@@ -27,6 +27,10 @@ from prophet.predict.data import RouterTrace
 from prophet.predict.pathmatch import PathMatchPredictor
 from prophet.warm import frequencies, warm_order
 
+# The copy-only setting chosen on sequence 0 of the shared Mixtral trace (`experiments/results/sim_policy.json`,
+# both profiles): a shorter, faster-decaying value, a margin against churn, and prefetch one layer ahead.
+COPY_ONLY = {"span": 8.0, "decay": 0.9, "margin": 0.5, "horizon": 1}
+
 
 class ValuePredictor(RoutingPredictor):
     """Near-term predictions (path matching by default) plus a recency-weighted rate per expert (see module).
@@ -35,7 +39,7 @@ class ValuePredictor(RoutingPredictor):
     ``prior``: pseudo-tokens of the fitted frequency (uniform before `fit`); ``margin``: how much more than its
     victim a copy must be worth (`worth_copying`). The defaults are the setting `experiments/replay/policy_select.py`
     chose for hybrid execution on held-in data (sequence 0 of the shared Mixtral trace); copy-only chose
-    ``horizon=1`` (prefetch the next layer within the link budget), since there a wrong copy delays demand misses.
+    `COPY_ONLY` (prefetch only the next layer, within the link budget: there a wrong copy delays demand misses).
     """
 
     name = "value"

@@ -151,8 +151,8 @@ class ScheduleOracle:
 # The prophet policy's predictor per miss mode, chosen by simulated tokens/s on sequence 0 of the shared Mixtral
 # trace alone (`experiments/replay/policy_select.py`, `experiments/results/sim_policy.json`): with misses on the host
 # the value policy (`prophet.predict.value`, its defaults are the hybrid setting chosen there); copy-only the
-# faster of the value grid and path matching there.
-PROPHET_PREDICTOR = {"copy": "pathmatch", "auto": "value", "host": "value"}
+# faster of the value grid and path matching there: the value policy at its copy-only setting (`COPY_ONLY`).
+PROPHET_PREDICTOR = {"copy": "value-copy", "auto": "value", "host": "value"}
 
 
 def policy_args(name: str, predictor: str | None = None, on_miss: str = "copy") -> tuple[str, str | None]:
@@ -161,7 +161,7 @@ def policy_args(name: str, predictor: str | None = None, on_miss: str = "copy") 
     ``predicted`` alone gets co-occurrence. Other policies keep ``predictor`` (eviction by the policy, prefetch by
     the predictor)."""
     if name == "prophet":
-        return "predicted", predictor or PROPHET_PREDICTOR.get(on_miss, "pathmatch")
+        return "predicted", predictor or PROPHET_PREDICTOR.get(on_miss, PROPHET_PREDICTOR["copy"])
     if name == "predicted":
         return "predicted", predictor or "cooccurrence"
     return name, predictor
@@ -192,6 +192,7 @@ def make_predictor(name: str, trace: RouterTrace, sched: Schedule) -> Any:
             value.ValuePredictor,
         )
     }
+    classes["value-copy"] = functools.partial(value.ValuePredictor, **value.COPY_ONLY)  # its copy-only setting
     parts = name.split("+")
     unknown = [p for p in parts if p not in classes]
     if unknown:
