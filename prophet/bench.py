@@ -63,12 +63,13 @@ class BenchOptions:
     in_sample: bool = False
     repeat: bool = False
     policies: tuple[str, ...] = ("lru", "prophet")
-    predictor: str | None = None  # the prophet policy's predictor (default: path matching)
+    predictor: str | None = None  # the prophet policy's predictor (default: `prophet.sim.replay.PROPHET_PREDICTOR` of the miss mode)
     steps: int | None = None  # default: every replayed token once
     warmup: int = 16
     compare: bool = False
     progress: bool = True
     on_miss: str = "copy"  # "auto" or "host": each policy's hybrid row beside its copy-only one
+    warm: str | None = None  # warm start from the fitted routing's frequencies: "decode" or "prefill" (`prophet.warm`)
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.warmup < 0 or (self.steps is not None and self.steps < 1):
@@ -84,6 +85,9 @@ class BenchOptions:
             raise ConfigError("--fit and --in-sample contradict each other: give one")
         check_policies(self.all_policies, self.predictor)
         allowed(self.on_miss)
+        if self.warm not in (None, "decode", "prefill"):
+            raise ConfigError(f"--warm {self.warm}: use decode (the warm copies on decode's clock) or prefill "
+                              "(landed during the prompt's prefill)")
 
     @property
     def all_policies(self) -> list[str]:
@@ -310,7 +314,7 @@ def simulate(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sa
     slots = _slots(opts, memory)
     common = {"cache_slots": slots, "batch": opts.batch, "context": memory.ctx, "expert_dtype": opts.expert_dtype}
     results = replay_policies(sample, spec, profile, opts.all_policies, opts.predictor, sched,
-                              progress=opts.progress, on_miss=_modes(opts), **common)
+                              progress=opts.progress, on_miss=_modes(opts), warm=opts.warm, **common)
     limits = bounds(spec, profile, trace=sample.replay, sched=sched, progress=opts.progress, **common)
     if opts.compare:
         resident = limits["all_resident"]
@@ -353,7 +357,8 @@ def measure(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sam
     from prophet.config import PrefetchConfig
     from prophet.load import load
     from prophet.sim import CostModel, bounds, expected_distinct, get_profile, replay, schedule
-    from prophet.sim.replay import make_predictor
+    from prophet.sim.replay import make_predictor, prophet_prefetch
+    from prophet.warm import fitted_order
 
     dtype = run_dtype(device)
     warmup, lead = opts.warmup, PROMPT_TOKENS + opts.warmup
@@ -388,21 +393,22 @@ def measure(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sam
     distinct = float(sched.distinct().mean()) if sched else expected_distinct(spec.num_experts, spec.top_k, opts.batch)
     cost = CostModel(spec_run, get_profile(profile), torch.bfloat16, memory.ctx)
     budget = PrefetchConfig(**cost.link_budget(distinct, opts.batch))  # as the simulator gates its prefetches
-    runs = []
-    for name in opts.all_policies:
-        policy, predictor_name = assign(name, opts.predictor, everywhere=False)
-        if predictor_name is None:
-            runs.append(dec.PolicyRun(name, policy))
-            continue
-        if fit is None:
-            print(f"prophet-bench: skipping --policy {name}: its predictor learns from a trace; give --trace, one "
-                  "recorded from this model (prophet.trace.record)", file=sys.stderr)
-            continue
-        predictor = make_predictor(predictor_name, fit, sched)
-        factory = predictor.policy_factory() if policy == "predicted" else policy
-        runs.append(dec.PolicyRun(name, factory, predictor, budget))
-    runs = [dataclasses.replace(run, name=_label(run.name, mode), on_miss=mode) for mode in _modes(opts)
-            for run in runs]
+    warm = fitted_order([fit]) if opts.warm and fit is not None else None  # the runtime's copies are real: no
+    runs = []  # "prefill" accounting here, they overlap the prompt's forward (`Step.begin_sequence`)
+    for mode in _modes(opts):
+        for name in opts.all_policies:
+            policy, predictor_name = assign(name, opts.predictor, everywhere=False, on_miss=mode)
+            if predictor_name is None:
+                runs.append(dec.PolicyRun(_label(name, mode), policy, on_miss=mode, warm=warm))
+                continue
+            if fit is None:
+                print(f"prophet-bench: skipping --policy {name} ({mode}): its predictor learns from a trace; give "
+                      "--trace, one recorded from this model (prophet.trace.record)", file=sys.stderr)
+                continue
+            predictor = make_predictor(predictor_name, fit, sched)
+            factory = predictor.policy_factory() if policy == "predicted" else policy
+            prefetch = (prophet_prefetch(predictor_name, mode) if name == "prophet" else None) or budget
+            runs.append(dec.PolicyRun(_label(name, mode), factory, predictor, prefetch, on_miss=mode, warm=warm))
     results = dec.run_policies(model, runs, routing, cache_slots=slots, batch=opts.batch, prompt=PROMPT_TOKENS,
                                steps=steps, warmup=warmup, kv=kv, resident=opts.compare, progress=opts.progress)
     out: dict[str, Any] = {"trace": info, "results": results,
@@ -417,10 +423,11 @@ def measure(opts: BenchOptions, spec: ModelSpec, memory: Plan, profile: str, sam
                 continue
             mode = r.get("on_miss", "copy")
             name = r["policy"].removesuffix(_label("", mode))
-            policy, predictor_name = assign(name, opts.predictor, everywhere=False)
+            policy, predictor_name = assign(name, opts.predictor, everywhere=False, on_miss=mode)
+            prefetch = (prophet_prefetch(predictor_name, mode) if name == "prophet" else None) or budget
             whole, prefix = (  # one link budget for both, so the prefix is the start of the same replay
                 replay(routes, spec_run, profile, policy=policy, cache_slots=slots, batch=opts.batch, on_miss=mode,
-                       context=memory.ctx, sched=s, progress=False, prefetch=budget, sequences=False,
+                       context=memory.ctx, sched=s, progress=False, prefetch=prefetch, sequences=False, warm=warm,
                        predictor=make_predictor(predictor_name, fit, sched) if predictor_name else None)
                 for s in (sched, head)
             )

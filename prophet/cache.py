@@ -37,6 +37,7 @@ class LayerStats:
     host_ms: float = 0.0  # wall time of the host experts' work (their future's run), summed over steps
     host_wait_ms: float = 0.0  # time the step waited for host results after its GPU work was queued
     admitted: int = 0  # host experts copied into the cache in the background (on_miss="auto"; also in prefetches)
+    warmed: int = 0  # copies into free slots before a sequence decoded (`ExpertCache.warm`; not misses or prefetches)
 
     def add(self, other: LayerStats) -> None:
         for name in self.__dataclass_fields__:
@@ -231,6 +232,30 @@ class ExpertCache:
         pool = self.pool(layer)
         return None if pool.free else self._victim(pool, for_prefetch=True)
 
+    def warm(self, keys: Sequence[Key]) -> int:
+        """Fill free slots with ``keys`` (most valuable first, e.g. `prophet.warm.warm_order`) before a sequence
+        decodes; never evicts, so it is a no-op on a full cache. Returns the copies issued.
+
+        The copies are ordinary asynchronous loads: they occupy the link in order, a step needing one of them
+        waits for it, and a later copy queues behind them, so their time is counted wherever it falls. The policy
+        then sees the new keys least valuable first (recency-ranked policies evict the least valuable first).
+        """
+        issued: list[Key] = []
+        for key in keys:
+            pool = self.pool(key[0])
+            if key in pool.slot_of:
+                continue
+            if not pool.free:
+                if self.shared:
+                    break
+                continue
+            self._load(pool, key, prefetch=False)
+            self.stats[key[0]].warmed += 1
+            issued.append(key)
+        for key in reversed(issued):
+            self.pool(key[0]).policy.insert(key)
+        return len(issued)
+
     def holds_everything(self) -> bool:
         """True when every expert of every layer can have a slot at once: nothing would ever be evicted."""
         if self.shared:
@@ -244,13 +269,17 @@ class ExpertCache:
             raise CapacityError("preload needs a slot for every expert of every layer; raise cache_slots")
         slots = [[self._load(self.pool(layer), (layer, e), prefetch=False) for e in range(self.store.num_experts)]
                  for layer in range(self.store.num_layers)]
+        self.finish_loads()
+        return slots
+
+    def finish_loads(self) -> None:
+        """Wait for every copy in flight (the host blocks until they land)."""
         for load in self._loads:
             self.engine.finish(load)
         self._loads = []
         for pool in self.pools:
             for slot in pool.slots:
                 slot.load = None
-        return slots
 
     def inflight(self) -> int:
         """Copies not yet known complete, over all pools."""

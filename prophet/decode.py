@@ -237,6 +237,7 @@ class PolicyRun:
     predictor: Any = None
     prefetch: PrefetchConfig | None = None  # how predictions become copies (default: the measured link budget)
     on_miss: str = "copy"  # where missed experts run (`prophet.wrap`)
+    warm: list[tuple[int, int]] | None = None  # warm-start order (`prophet.warm`; None: none)
 
 
 def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting | None, *, cache_slots: int,
@@ -249,7 +250,8 @@ def run_policies(model: nn.Module, runs: list[PolicyRun], routing: ForcedRouting
     results = []
     for run in runs:
         reconfigure(model, cache_slots=cache_slots, policy=run.policy, predictor=run.predictor,
-                    prefetch=run.prefetch or PrefetchConfig(auto_budget=True), on_miss=run.on_miss)
+                    prefetch=run.prefetch or PrefetchConfig(auto_budget=True), on_miss=run.on_miss,
+                    warm=run.warm)
         if routing is not None:
             routing.attach(layers)
         r = decode(model, routing, batch=batch, prompt=prompt, steps=steps, warmup=warmup, kv=kv, progress=progress)

@@ -170,6 +170,7 @@ class Runtime:
         self.costs = RunningCosts(seed_costs(store.slab_bytes, store.fmt.params))
         self._misses: MissPlanner | None = None
         self.set_on_miss(on_miss)
+        self.warm: list[tuple[int, int]] = []  # experts filling free slots where a sequence starts (`prophet.warm`)
         self._step = Step(cache, prefetcher, predictor, self._misses)
 
     def settle(self) -> None:
@@ -178,7 +179,7 @@ class Runtime:
         When the cache holds every expert, load them all now and run layers without the host: the slot of
         each expert never changes, so ids map to slots on the device, with no sync, no eviction and no
         prefetch (the predictor is not consulted). Otherwise layers go through the cache step by step."""
-        self._step = Step(self.cache, self.prefetcher, self.predictor, self._misses)
+        self._step = Step(self.cache, self.prefetcher, self.predictor, self._misses, self.warm)
         triton = resolve_backend(self.kernels, self.device) == "triton"
         self._kernel = moe_experts_triton if triton else moe_experts_reference
         self._last_layer = None

@@ -76,8 +76,9 @@ class Step:
     """The cache, prefetcher and predictor that one driver steps through, layer by layer."""
 
     def __init__(self, cache: ExpertCache, prefetcher: Prefetcher, predictor: Any = None,
-                 misses: MissPlanner | None = None) -> None:
+                 misses: MissPlanner | None = None, warm: Sequence[tuple[int, int]] | None = None) -> None:
         self.cache = cache
+        self.warm = list(warm or [])  # experts filling free slots where a sequence starts (`prophet.warm`)
         self.prefetcher = prefetcher
         self.predictor = predictor
         self.misses = misses
@@ -87,10 +88,13 @@ class Step:
 
     def begin_sequence(self) -> None:
         """A new sequence starts: the predictor forgets the old one's tokens (`reset`, where it has one) and
-        queued next-token prefetches, made for a token that will not come, are dropped."""
+        queued next-token prefetches, made for a token that will not come, are dropped. With a warm-start order,
+        free slots are filled from it (`ExpertCache.warm`; nothing happens once the cache is full)."""
         if self.predictor is not None and hasattr(self.predictor, "reset"):
             self.predictor.reset()
         self.prefetcher.clear()
+        if self.warm:
+            self.cache.warm(self.warm)
 
     def run(
         self,

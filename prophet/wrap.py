@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -181,6 +181,7 @@ def wrap(
     expert_source: ExpertSource | None = None,
     on_miss: str | None = None,
     host_threads: int | None = None,
+    warm: Sequence[tuple[int, int]] | None = None,
 ) -> nn.Module:
     """Offload ``model``'s experts to host memory behind a device slot cache; returns the same model object.
 
@@ -199,6 +200,10 @@ def wrap(
     ``on_miss`` ("copy", the default; "auto"; "host") says where a missed expert runs: copied to the device,
     computed on the host CPU (``host_threads`` threads, default detected) while the device runs the others, or
     whichever the measured costs say finishes first (`prophet.hybrid.decide`).
+
+    ``warm``: ``(layer, expert)`` keys, most valuable first, that fill the cache's free slots where a sequence
+    starts (`prophet.warm.fitted_order` of recorded routing, or a fitted predictor's ``warm_order()``); the copies
+    are asynchronous and share the link with the first tokens' copies.
     """
     if hasattr(model, _ATTR):
         raise AlreadyWrappedError("this model is already wrapped by Prophet; call prophet.unwrap(model) first")
@@ -256,10 +261,13 @@ def wrap(
             raise CapacityError(f"the KV cache for max_context={max_context}, batch={batch} does not fit on {dev}; "
                                 "lower max_context or batch") from exc
 
+    warm_keys = _warm_keys(warm, len(layers), layers[0].num_experts)
+
     def make_runtime(store: HostStore) -> Runtime:  # after the store is filled: slots never add to its peak
         cache = _new_cache(store, dev, factory, cache_slots, slots_per_layer)
         runtime = Runtime(layers, store, cache, Prefetcher(cache, cfg.prefetch), predictor, cfg.kernels, dev,
                           on_miss=cfg.on_miss, host_threads=cfg.host_threads)
+        runtime.warm = warm_keys
         runtime.source = source
         runtime.plan = memory_plan
         runtime.kv_cache = kv_cache
@@ -405,11 +413,12 @@ def reconfigure(
     predictor: Predictor | None = None,
     prefetch: PrefetchConfig | None = None,
     on_miss: str | None = None,
+    warm: Sequence[tuple[int, int]] | None = None,
 ) -> Runtime:
     """Give a wrapped model a new, empty expert cache (size, policy), prefetcher and predictor over the same
     host store, so a sweep over cache settings never copies the experts again. Give exactly one of
-    ``cache_slots`` or ``slots_per_layer``; counters start from zero. ``on_miss`` (None: unchanged) as in
-    `wrap`."""
+    ``cache_slots`` or ``slots_per_layer``; counters start from zero. ``on_miss`` (None: unchanged) and
+    ``warm`` (None: no warm start) as in `wrap`."""
     runtime = runtime_of(model)
     if on_miss is not None:
         allowed(on_miss)  # a ConfigError naming the choices, before anything changes
@@ -439,8 +448,19 @@ def reconfigure(
     runtime.predictor = predictor
     if on_miss is not None:
         runtime.set_on_miss(on_miss)
+    runtime.warm = _warm_keys(warm, store.num_layers, store.num_experts)
     runtime.settle()
     return runtime
+
+
+def _warm_keys(warm: Sequence[tuple[int, int]] | None, num_layers: int, num_experts: int) -> list[tuple[int, int]]:
+    """``warm`` as a checked list of ``(layer, expert)`` keys (empty: no warm start)."""
+    keys = [(int(layer), int(e)) for layer, e in (warm or [])]
+    bad = [k for k in keys if not (0 <= k[0] < num_layers and 0 <= k[1] < num_experts)]
+    if bad:
+        raise ConfigError(f"warm={bad[0]}: keys are (layer, expert) with layer < {num_layers} MoE layers and "
+                          f"expert < {num_experts}")
+    return keys
 
 
 def is_wrapped(model: nn.Module) -> bool:

@@ -16,3 +16,8 @@ prophet-bench --model mixtral --ctx 128k --gpu h100-sxm --simulate --trace "$T" 
   --out $R/bench_mixtral_128k_shared_trace.json
 prophet-bench --model mixtral --ctx 128k --gpu h100-sxm --simulate --trace "$T" --in-sample --no-progress \
   --out $R/bench_mixtral_128k_shared_trace_in_sample.json
+# the prophet policy with misses on the host (the value policy at its hybrid setting), cold and warm-started
+prophet-bench --model mixtral --ctx 128k --gpu h100-sxm --simulate --trace "$T" --on-miss auto --no-progress \
+  --out $R/bench_mixtral_128k_shared_trace_hybrid.json
+prophet-bench --model mixtral --ctx 128k --gpu h100-sxm --simulate --trace "$T" --on-miss auto --warm prefill \
+  --no-progress --out $R/bench_mixtral_128k_shared_trace_hybrid_warm.json

@@ -55,6 +55,9 @@ OWN_TRACE = ROOT / "traces" / "tiny-mixtral"  # the project's own recording, 4 M
 MIXTRAL_TRACE = "mixtral-8x7b_humaneval_decode"
 FLAME_TRACE = "flame-moe-290m_prefill"
 POLICIES = ("lru", "lfu", "belady", "prophet")
+# The sweeps' prophet rows keep path matching (the policy they were recorded with, so their results files stay
+# reproducible); `prophet-bench` and `policy_select.py` now run the policy chosen per miss mode.
+PROPHET_PREDICTOR = "pathmatch"
 SPECMOE_CLAIMS = {8: 0.24, 32: 0.49, 64: 0.65}  # SpecMoE's "memory saved by batch dedup"; 87.6% at 64 elsewhere
 
 
@@ -83,7 +86,7 @@ def _mixtral(trace: RouterTrace) -> Any:
 def _rows(sample: Sample, spec: Any, gpu: str, names: tuple[str, ...], **kw: Any) -> list[dict[str, Any]]:
     """One row per policy on the held-out part, predictors fitted on the other (`replay_policies`)."""
     sched = kw.pop("sched", None) or schedule(sample.replay, kw.get("batch", 1))
-    return replay_policies(sample, spec, get_profile(gpu), names, None, sched, progress=False, **kw)
+    return replay_policies(sample, spec, get_profile(gpu), names, PROPHET_PREDICTOR, sched, progress=False, **kw)
 
 
 def _flame_spec() -> Any:
@@ -102,7 +105,7 @@ def _write(name: str, record: dict[str, Any]) -> Path:
 
 def _policy(name: str) -> dict[str, Any]:
     """replay() arguments of a policy name (see `prophet.sim.replay.policy_args`)."""
-    policy, predictor = policy_args(name)
+    policy, predictor = policy_args(name, PROPHET_PREDICTOR if name == "prophet" else None)
     return {"policy": policy, "predictor": predictor}
 
 

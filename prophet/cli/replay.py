@@ -2,7 +2,8 @@
 
 Example: ``prophet-bench replay --trace ../shared/traces/mixtral-8x7b_humaneval_decode.npz --policy
 lru,lfu,belady,prophet --cache-slots 172 --gpu h100-sxm``. Policy ``prophet`` is prediction-aware eviction plus
-prefetch within the link budget, from ``--predictor`` (default: path matching); ``--predictor`` also prefetches
+prefetch, from ``--predictor`` (default: the one chosen by simulated speed for the miss mode,
+`prophet.sim.replay.PROPHET_PREDICTOR`); ``--predictor`` also prefetches
 for every other policy given. Predictors learn out of sample: from ``--fit``, else from the first half of the
 trace's sequences while the rest is replayed (``--in-sample`` to fit on the replayed routing itself, labelled).
 """

@@ -46,7 +46,8 @@ def register(sub: Any) -> None:
                    "again; labelled)")
     p.add_argument("--policy", type=names, default=("lru", "prophet"),
                    help="comma list: lru, lfu, fifo, belady, predicted, prophet (default lru,prophet)")
-    p.add_argument("--predictor", default=None, help="predictor of the prophet policy (default: pathmatch); "
+    p.add_argument("--predictor", default=None, help="predictor of the prophet policy (default: the one chosen by "
+                   "simulated speed for the miss mode: value-copy copy-only, value with --on-miss auto/host); "
                    "the other policies run on demand")
     p.add_argument("--steps", type=positive, default=None, help="decode steps to replay or time (default: every "
                    "replayed token once)")
@@ -55,6 +56,9 @@ def register(sub: Any) -> None:
     add_out(p)
     p.add_argument("--on-miss", choices=("copy", "auto", "host"), default="copy",
                    help="where missed experts run; auto or host adds each policy's row beside its copy-only one")
+    p.add_argument("--warm", choices=("decode", "prefill"), default=None,
+                   help="fill the empty cache first with the fitted routing's most used experts, for every policy: "
+                   "copies on decode's clock, or landed during the prompt's prefill (simulated; default: no warm start)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(handler=main)
 
@@ -66,6 +70,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         expert_dtype=args.expert_dtype, trace=args.trace,
         fit=args.fit, in_sample=args.in_sample, repeat=args.repeat, policies=args.policy, predictor=args.predictor,
         steps=args.steps, warmup=args.warmup, compare=args.compare, progress=not args.no_progress,
-        on_miss=args.on_miss,
+        on_miss=args.on_miss, warm=args.warm,
     )
     return bench.run(opts)

@@ -25,6 +25,11 @@ from prophet.errors import ConfigError
 from prophet.predict.base import RoutingPredictor
 from prophet.predict.data import RouterTrace
 from prophet.predict.pathmatch import PathMatchPredictor
+from prophet.warm import frequencies, warm_order
+
+# The copy-only setting chosen on sequence 0 of the shared Mixtral trace (`experiments/results/sim_policy.json`,
+# both profiles): a shorter, faster-decaying value, a margin against churn, and prefetch one layer ahead.
+COPY_ONLY = {"span": 8.0, "decay": 0.9, "margin": 0.5, "horizon": 1}
 
 
 class ValuePredictor(RoutingPredictor):
@@ -34,7 +39,7 @@ class ValuePredictor(RoutingPredictor):
     ``prior``: pseudo-tokens of the fitted frequency (uniform before `fit`); ``margin``: how much more than its
     victim a copy must be worth (`worth_copying`). The defaults are the setting `experiments/replay/policy_select.py`
     chose for hybrid execution on held-in data (sequence 0 of the shared Mixtral trace); copy-only chose
-    ``horizon=1`` (prefetch the next layer within the link budget), since there a wrong copy delays demand misses.
+    `COPY_ONLY` (prefetch only the next layer, within the link budget: there a wrong copy delays demand misses).
     """
 
     name = "value"
@@ -58,13 +63,16 @@ class ValuePredictor(RoutingPredictor):
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def fit(self, traces: Sequence[RouterTrace]) -> ValuePredictor:
         self.near.fit(traces)
-        uses, tokens = np.zeros_like(self.base), np.zeros(self.num_layers)
+        seen = np.zeros(self.num_layers, dtype=bool)
         for tr in traces:
-            uses += tr.multi_hot().sum(axis=0)
-            tokens += (tr.experts[..., 0] >= 0).sum(axis=0)
-        seen = tokens > 0
-        self.base[seen] = uses[seen] / tokens[seen, None]
+            seen |= (tr.experts[..., 0] >= 0).any(axis=0)
+        self.base[seen] = frequencies(traces, self.num_layers, self.num_experts)[seen]
         return self
+
+    def warm_order(self) -> list[tuple[int, int]]:
+        """The experts a cache should hold before a sequence starts, most valuable first: by fitted frequency
+        (`prophet.warm`), what the value of an expert is before the sequence has any history."""
+        return warm_order(self.base)
 
     def reset(self) -> None:
         super().reset()

@@ -17,16 +17,17 @@ from prophet.hardware import HardwareProfile
 from prophet.models.spec import ModelSpec
 from prophet.policies import POLICY_FACTORIES
 from prophet.predict.data import RouterTrace
-from prophet.sim.replay import Schedule, make_predictor, policy_args, replay, schedule
+from prophet.sim.replay import Schedule, make_predictor, policy_args, prophet_prefetch, replay, schedule
 from prophet.sim.samples import Sample
+from prophet.warm import fitted_order
 
 NEEDS_FUTURE = ("belady", "oracle")  # a policy and a predictor that read the schedule ahead
 
 
-def assign(name: str, predictor: str | None, everywhere: bool) -> tuple[str, str | None]:
-    """``(policy, predictor)`` of a policy name; ``predictor`` serves only ``prophet``/``predicted`` unless
-    ``everywhere`` (then every policy prefetches with it)."""
-    return policy_args(name, predictor if everywhere or name in ("prophet", "predicted") else None)
+def assign(name: str, predictor: str | None, everywhere: bool, on_miss: str = "copy") -> tuple[str, str | None]:
+    """``(policy, predictor)`` of a policy name under ``on_miss``; ``predictor`` serves only
+    ``prophet``/``predicted`` unless ``everywhere`` (then every policy prefetches with it)."""
+    return policy_args(name, predictor if everywhere or name in ("prophet", "predicted") else None, on_miss)
 
 
 def check_policies(names: Sequence[str], predictor: str | None, everywhere: bool = False) -> None:
@@ -74,18 +75,26 @@ def best_line(rows: list[dict[str, Any]]) -> str | None:
 
 def replay_policies(sample: Sample, spec: ModelSpec, profile: HardwareProfile, names: Sequence[str],
                     predictor: str | None, sched: Schedule, *, everywhere: bool = False, progress: bool = True,
-                    on_miss: Sequence[str] = ("copy",), **replay_args: Any) -> list[dict[str, Any]]:
+                    on_miss: Sequence[str] = ("copy",), warm: str | None = None,
+                    **replay_args: Any) -> list[dict[str, Any]]:
     """Replay ``sample.replay`` once per policy name and ``on_miss`` mode (predictors fitted on ``sample.fit``);
-    rows keep the name, with the mode after it unless it is "copy"."""
+    rows keep the name, with the mode after it unless it is "copy". ``prophet`` takes its mode's predictor and,
+    unless ``replay_args`` give one, prefetch (`prophet.sim.replay.policy_args`, `prophet_prefetch`). ``warm``
+    ("decode" or "prefill"; None: none) warms every row's cache from the fitted routing's frequencies
+    (`prophet.warm`; ``warm_during`` of `replay`)."""
     rows = []
+    fit = sample.fit if sample.fit is not None else sample.replay
+    order = fitted_order([fit]) if warm else None
     for mode in on_miss:
         for name in names:
-            policy, pred = assign(name, predictor, everywhere)
-            fit = sample.fit if sample.fit is not None else sample.replay
+            policy, pred = assign(name, predictor, everywhere, mode)
             model = None if pred is None else make_predictor(pred, fit, sched)
             label = name if mode == "copy" else f"{name} ({mode})"
+            args = dict(replay_args)
+            if name == "prophet" and args.get("prefetch") is None:
+                args["prefetch"] = prophet_prefetch(pred, mode)
             r = replay(sample.replay, spec, profile, policy=policy, predictor=model, sched=sched, progress=progress,
-                       label=label, on_miss=mode, **replay_args)
+                       label=label, on_miss=mode, warm=order, warm_during=warm or "decode", **args)
             rows.append({**r.to_dict(), "policy": label})
     return rows
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -148,16 +148,30 @@ class ScheduleOracle:
 
 
 # ---- predictors and policies by name -------------------------------------------------------------------
-def policy_args(name: str, predictor: str | None = None) -> tuple[str, str | None]:
+# The prophet policy's predictor per miss mode, chosen by simulated tokens/s on sequence 0 of the shared Mixtral
+# trace alone (`experiments/replay/policy_select.py`, `experiments/results/sim_policy.json`): with misses on the host
+# the value policy (`prophet.predict.value`, its defaults are the hybrid setting chosen there); copy-only the
+# faster of the value grid and path matching there: the value policy at its copy-only setting (`COPY_ONLY`).
+PROPHET_PREDICTOR = {"copy": "value-copy", "auto": "value", "host": "value"}
+
+
+def policy_args(name: str, predictor: str | None = None, on_miss: str = "copy") -> tuple[str, str | None]:
     """``(policy, predictor)`` for a policy name: ``prophet`` is prediction-aware eviction with a predictor
-    (path matching unless one is named: the best out-of-sample eviction on the shared Mixtral trace), which
-    also drives prefetch within the link budget; ``predicted`` alone gets co-occurrence. Other policies keep
-    ``predictor`` (eviction by the policy, prefetch by the predictor)."""
+    (`PROPHET_PREDICTOR` of ``on_miss`` unless one is named), which also drives prefetch (`prophet_prefetch`);
+    ``predicted`` alone gets co-occurrence. Other policies keep ``predictor`` (eviction by the policy, prefetch by
+    the predictor)."""
     if name == "prophet":
-        return "predicted", predictor or "pathmatch"
+        return "predicted", predictor or PROPHET_PREDICTOR.get(on_miss, PROPHET_PREDICTOR["copy"])
     if name == "predicted":
         return "predicted", predictor or "cooccurrence"
     return name, predictor
+
+
+def prophet_prefetch(predictor: str | None, on_miss: str) -> PrefetchConfig | None:
+    """The prefetch the prophet policy was selected with: the value policy with misses on the host keeps one copy
+    in flight (an admission or prefetch never queues behind another while misses run on the host); otherwise None
+    (the replay's default, the link budget)."""
+    return PrefetchConfig(max_inflight=1) if predictor == "value" and on_miss != "copy" else None
 
 
 def make_predictor(name: str, trace: RouterTrace, sched: Schedule) -> Any:
@@ -178,6 +192,7 @@ def make_predictor(name: str, trace: RouterTrace, sched: Schedule) -> Any:
             value.ValuePredictor,
         )
     }
+    classes["value-copy"] = functools.partial(value.ValuePredictor, **value.COPY_ONLY)  # its copy-only setting
     parts = name.split("+")
     unknown = [p for p in parts if p not in classes]
     if unknown:
@@ -250,6 +265,8 @@ class ReplayResult:
     distinct_per_layer: float  # mean distinct experts per layer step (after batch dedup)
     wall_s: float  # how long the replay took on this machine
     per_layer_hit_rate: list[float] = field(default_factory=list)
+    warmed: int = 0  # warm-start copies (in loads unless warm_during="prefill")
+    warm_during: str = "decode"  # whose clock the warm-start copies ran on
 
     @property
     def loads_per_token(self) -> float:
@@ -328,6 +345,8 @@ def replay(
     sequences: bool = True,
     progress: bool = True,
     label: str | None = None,
+    warm: Sequence[Key] | None = None,
+    warm_during: str = "decode",
 ) -> ReplayResult:
     """Replay ``trace`` (a `prophet.trace.Trace` or `RouterTrace`) as ``spec`` on ``profile``.
 
@@ -342,6 +361,11 @@ def replay(
     first step, as the runtime does for one generation over these rows.
     ``label`` names the progress bar (default: the policy), so it matches the caller's row name.
     ``expert_dtype`` stores the experts quantized (`CostModel`): copies and reads move that format's bytes.
+    ``warm``: experts that fill free slots where a sequence starts (`prophet.warm`), as the runtime's step does;
+    ``warm_during="decode"``: their copies start on the link at the sequence's first step and count in the clock
+    and in ``loads``; ``"prefill"``: the first sequence's warm copies land before the clock starts, as when they
+    overlap the prompt's prefill (which streams every expert through anyway; a decode trace has no prefill to
+    time), and are not counted in ``loads``.
     """
     trace = as_router_trace(trace)
     spec = get_spec(spec) if isinstance(spec, str) else spec
@@ -357,7 +381,7 @@ def replay(
     return _drive(trace, sched, policy, predictor, SimCopyEngine(profile, cost.expert_bytes, overlap=overlap), cost,
                   slots_per_layer=slots_per_layer, cache_slots=cache_slots, prefetch=prefetch,
                   on_miss="auto" if cpu_fallback else on_miss, sequences=sequences, progress=progress, label=label,
-                  meta={"model": spec.name, "gpu": profile.name, "context": context, "overlap": overlap})
+                  warm=warm, warm_during=warm_during, meta={"model": spec.name, "gpu": profile.name, "context": context, "overlap": overlap})
 
 
 def replay_counts(
@@ -375,6 +399,7 @@ def replay_counts(
     name: str | None = None,
     sequences: bool = True,
     progress: bool = False,
+    warm: Sequence[Key] | None = None,
 ) -> ReplayResult:
     """The same step with free copies and no clock: cache counters only (the predictor harness).
 
@@ -386,7 +411,7 @@ def replay_counts(
     engine = SimCopyEngine(None, expert_bytes or 1)
     r = _drive(trace, sched, policy, predictor, engine, None, slots_per_layer=slots_per_layer,
                cache_slots=cache_slots, prefetch=prefetch or PrefetchConfig(enabled=False), on_miss="copy",
-               sequences=sequences, progress=progress, label=name,
+               sequences=sequences, progress=progress, label=name, warm=warm,
                meta={"model": trace.name, "gpu": "free copies", "context": 0, "overlap": True})
     if name is not None:
         r.policy = name
@@ -409,6 +434,8 @@ def _drive(
     progress: bool,
     meta: dict[str, Any],
     label: str | None = None,
+    warm: Sequence[Key] | None = None,
+    warm_during: str = "decode",
 ) -> ReplayResult:
     """Run every step of ``sched`` through `prophet.step.Step` over a fresh cache on ``engine``; ``cost``
     (None: free) moves the clock by each layer's modelled compute."""
@@ -437,7 +464,13 @@ def _drive(
     config = prefetch or PrefetchConfig(enabled=predictor is not None, **cost.link_budget(distinct, B))
     prefetcher = Prefetcher(cache, config)
     planner = _SimPlanner(on_miss, cost, engine) if on_miss != "copy" else None
-    step = Step(cache, prefetcher, predictor, planner)
+    step = Step(cache, prefetcher, predictor, planner, warm)
+    if warm_during not in ("decode", "prefill"):
+        raise ConfigError(f"warm_during={warm_during!r}: use 'decode' or 'prefill'")
+    if warm and warm_during == "prefill":  # landed before decode's clock starts (`replay`)
+        cache.warm(list(warm))
+        cache.finish_loads()
+        engine.restart()
     seq_start = np.zeros(trace.num_tokens, dtype=bool)
     seq_start[trace.seq_offsets[:-1]] = True
     resets = sequences and B == 1  # a batch mixes sequences: no single point to reset at
@@ -520,4 +553,6 @@ def _drive(
         distinct_per_layer=distinct,
         wall_s=time.perf_counter() - wall,
         per_layer_hit_rate=[round(st.hit_rate, 4) for st in cache.stats],
+        warmed=total.warmed,
+        warm_during=warm_during,
     )

@@ -59,3 +59,31 @@ def test_a_cache_that_holds_every_expert_never_misses_in_the_runtime_or_the_simu
                  progress=False)
     assert (real.hits, real.misses, real.host_experts) == (sim.hits, sim.misses, sim.cpu_misses)
     assert sim.misses == 0 and sim.hits > 0 and sim.stall_s == 0
+
+
+@pytest.mark.parametrize("on_miss", ["copy", "host"])  # "auto" decides on measured CPU times
+def test_warm_start_counts_agree_between_the_runtime_and_the_simulator(on_miss):
+    """Both fill the free slots from the same warm-start order where the sequence starts (`Step.begin_sequence`),
+    then count the same hits, misses and copies. The CPU runtime's copies land at once: the simulator's too
+    (``overlap=False``), else a tiny model's steps end before a warm copy lands and "host" computes it there."""
+    from prophet.warm import fitted_order
+
+    r = as_router_trace(synthetic_trace(SPEC.num_moe_layers, SPEC.num_experts, SPEC.top_k, num_sequences=2,
+                                        tokens_per_sequence=24, seed=6, progress=False))
+    prompt, steps, slots = 4, 8, 6
+    order = fitted_order([r.sequences([1])])
+    sched = schedule(r, 1, 1 + steps, prompt=prompt)
+    model = dec.random_model(SPEC, torch.float32, torch.device("cpu"), cache_slots=slots)
+    routing = ForcedRouting(r.experts, sched.rows, "cpu")
+    off = PrefetchConfig(enabled=False)
+    counts = []
+    for warm in (None, order):
+        dec.run_policies(model, [dec.PolicyRun("lru", "lru", None, off, on_miss=on_miss, warm=warm)], routing,
+                         cache_slots=slots, batch=1, prompt=prompt, steps=steps, warmup=0)
+        real = prophet.stats(model).total
+        sim = replay(r, SPEC, "h100-sxm", cache_slots=slots, sched=sched, sequences=False, on_miss=on_miss,
+                     prefetch=off, progress=False, warm=warm, overlap=False)
+        assert (real.hits, real.misses, real.host_experts, real.warmed) == (sim.hits, sim.misses, sim.cpu_misses,
+                                                                             sim.warmed)
+        counts.append((sim.hits, sim.warmed))
+    assert counts[0][1] == 0 and counts[1][1] == slots  # the warm start filled every slot before the first step
