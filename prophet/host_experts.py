@@ -46,8 +46,8 @@ from prophet.errors import ConfigError, DtypeError
 from prophet.formats import ExpertFormat
 from prophet.store import HostStore
 
-QUANT_MAX_TOKENS = 32  # the quantized kernels' time grows with tokens (they dequantize per token), the reference
-# path's hardly: int8 at 1 token 100x faster, at 32 still 5x (experiments/results/host_experts_bench.json)
+QUANT_MAX_TOKENS = 32  # the quantized kernels' time grows with tokens (from 2 tokens each row is dequantized once,
+# then fp32 dot products, 4 tokens at a time), the reference path's hardly (experiments/results/host_experts_bench.json)
 GEMV_MAX_TOKENS = 32  # the kernel re-widens weights per token pair; past this, widened tiles + torch matmul win (measured: the kernel is 1.5-3.6x faster up to 32 tokens)
 # On a CPU that multiplies bf16 natively (AVX512-BF16, AMX), torch's bf16 matmul beats the kernel from 3 tokens on
 # (kernel/torch 1.10x at 2 tokens, 0.94x at 4, 0.47x at 32: experiments/results/host_experts_bench.json)

@@ -241,13 +241,13 @@ void prophet_widen_bf16(const uint16_t *src, float *dst, long n) {
  * int4 sums the stored codes (v + 8) and takes 8 x the group's sum of x off once (two fewer integer ops per 16
  * weights). mxfp4's groups are one 32-column step: its table is scaled instead (8 magnitudes x 2^(e-127), exact)
  * so its chains run on across groups. One token: a row at a time (one sequential stream; two rows at once spill
- * the 16 AVX2 registers), four FMA chains. From DEQUANT_TOKENS tokens on, each row is dequantized once into an L1
- * buffer (exactly `dequantize`'s fp32 weights) and dotted with every token in fp32: the row is read from DRAM
- * once whatever the batch. For the nibble formats each token is split once into its even and odd columns to
+ * the 16 AVX2 registers), four FMA chains. From DEQUANT_TOKENS tokens on, rows are dequantized two at a time into
+ * an L1 buffer (exactly `dequantize`'s fp32 weights) and dotted with four tokens at a time in fp32: each row is
+ * read from DRAM once whatever the batch. For the nibble formats each token is split once into its even and odd columns to
  * pair with the low and high nibbles of the same bytes.
  */
 enum { INT8, INT4, FP8, MXFP4 };
-#define DEQUANT_TOKENS 2 /* from this many tokens on, each row is dequantized once into L1, then fp32 dot products */
+#define DEQUANT_TOKENS 2 /* from this many tokens on, rows are dequantized once into L1, then fp32 dot products */
 #define NIBBLES(kind) ((kind) == INT4 || (kind) == MXFP4)
 
 /* 16 weights from q -> *a, *b: one-byte formats columns k..k+7 and k+8..k+15 (16 bytes), nibble formats the
@@ -380,20 +380,28 @@ static inline __attribute__((always_inline)) void dequantize_row(int kind, const
     }
 }
 
-/* Dot product of n fp32 values, four chains. */
-static float dot_f32(const float *a, const float *b, long n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+/* Rows r0, r1 (n fp32 values each) . tokens x[0..3] -> out[row][token]: each row vector loaded feeds four
+ * tokens and each token vector two rows (eight chains, named: an array of them lands on the stack). A missing row
+ * or token is passed as a repeat and its outputs dropped by the caller. */
+static void dots_2x4(const float *r0, const float *r1, const float *const x[4], long n, float out[2][4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
     long i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
-        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    for (; i + 8 <= n; i += 8) {
+        __m256 u = _mm256_loadu_ps(r0 + i), v = _mm256_loadu_ps(r1 + i), t;
+#define TOKEN(j, a, c) t = _mm256_loadu_ps(x[j] + i), a = _mm256_fmadd_ps(u, t, a), c = _mm256_fmadd_ps(v, t, c)
+        TOKEN(0, a0, c0);
+        TOKEN(1, a1, c1);
+        TOKEN(2, a2, c2);
+        TOKEN(3, a3, c3);
+#undef TOKEN
     }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
+    out[0][0] = hsum(a0), out[0][1] = hsum(a1), out[0][2] = hsum(a2), out[0][3] = hsum(a3);
+    out[1][0] = hsum(c0), out[1][1] = hsum(c1), out[1][2] = hsum(c2), out[1][3] = hsum(c3);
+    for (; i < n; i++)
+        for (int j = 0; j < 4; j++) {
+            out[0][j] += r0[i] * x[j][i];
+            out[1][j] += r1[i] * x[j][i];
+        }
 }
 
 /* Rows [n0, n1) of any quantized kind (a constant at each call: one specialized loop each); scale row of row n:
@@ -411,6 +419,7 @@ static inline __attribute__((always_inline)) int gemv_quant(int kind, const uint
         for (long b = 0; b < B; b++) {
             float *t = split + b * each;
             for (long k = 0; k < K; k++) t[(k % 2) * half + k / 2] = x[b * ldx + k];
+            if (K % 2) t[2 * half - 1] = 0; /* an odd K's last odd slot: 0, as in the dequantized rows */
             for (long g = 0; g < groups; g++) {
                 float sum = 0;
                 for (long k = g * group; k < K && k < (g + 1) * group; k++) sum += x[b * ldx + k];
@@ -418,23 +427,42 @@ static inline __attribute__((always_inline)) int gemv_quant(int kind, const uint
             }
         }
     }
-    float *row = B >= DEQUANT_TOKENS ? malloc((size_t)(2 * half) * sizeof(float)) : NULL;
-    if (B >= DEQUANT_TOKENS && row == NULL) {
+    if (B < DEQUANT_TOKENS) {
+        for (long n = n0; n < n1; n++)
+            for (long b = 0; b < B; b++) {
+                const float *x0 = nib ? split + b * each : x + b * ldx;
+                y[b * ldy + n] = row_token(kind, w + n * ldw, (const char *)s + (n / block_rows) * lds * ssize, group,
+                                           x0, nib ? x0 + half : x0, x0 + 2 * half, K);
+            }
+        free(split);
+        return 1;
+    }
+    long cols = nib ? 2 * half : K; /* a dequantized row, in its tokens' order */
+    float *rows = malloc((size_t)(2 * cols) * sizeof(float));
+    if (rows == NULL) {
         free(split);
         return 0;
     }
-    for (long n = n0; n < n1; n++) {
-        const uint8_t *q = w + n * ldw;
-        const void *sr = (const char *)s + (n / block_rows) * lds * ssize;
-        if (row != NULL) dequantize_row(kind, q, sr, group, K, half, row);
-        for (long b = 0; b < B; b++) {
-            const float *x0 = nib ? split + b * each : x + b * ldx;
-            y[b * ldy + n] = row == NULL ? row_token(kind, q, sr, group, x0, nib ? x0 + half : x0, x0 + 2 * half, K)
-                             : nib       ? dot_f32(row, x0, half) + dot_f32(row + half, x0 + half, K / 2)
-                                         : dot_f32(row, x0, K);
+    for (long n = n0; n < n1; n += 2) {
+        int two = n + 1 < n1;
+        for (int r = 0; r <= two; r++) {
+            dequantize_row(kind, w + (n + r) * ldw, (const char *)s + ((n + r) / block_rows) * lds * ssize, group,
+                           K, half, rows + r * cols);
+            if (nib && K % 2) rows[r * cols + cols - 1] = 0;
+        }
+        for (long b = 0; b < B; b += 4) {
+            const float *xt[4];
+            float out[2][4];
+            for (int j = 0; j < 4; j++) {
+                long t = b + j < B ? b + j : B - 1;
+                xt[j] = nib ? split + t * each : x + t * ldx;
+            }
+            dots_2x4(rows, two ? rows + cols : rows, xt, cols, out);
+            for (int j = 0; j < 4 && b + j < B; j++)
+                for (int r = 0; r <= two; r++) y[(b + j) * ldy + n + r] = out[r][j];
         }
     }
-    free(row);
+    free(rows);
     free(split);
     return 1;
 }
