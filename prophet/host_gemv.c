@@ -243,8 +243,8 @@ void prophet_widen_bf16(const uint16_t *src, float *dst, long n) {
  * so its chains run on across groups. One token: a row at a time (one sequential stream; two rows at once spill
  * the 16 AVX2 registers), four FMA chains. From DEQUANT_TOKENS tokens on, rows are dequantized two at a time into
  * an L1 buffer (exactly `dequantize`'s fp32 weights) and dotted with four tokens at a time in fp32: each row is
- * read from DRAM once whatever the batch. For the nibble formats each token is split once into its even and odd columns to
- * pair with the low and high nibbles of the same bytes.
+ * read from DRAM once whatever the batch. For the nibble formats each token is split once into its even and odd
+ * columns to pair with the low and high nibbles of the same bytes.
  */
 enum { INT8, INT4, FP8, MXFP4 };
 #define DEQUANT_TOKENS 3 /* from this many tokens on, rows are dequantized once into L1, then fp32 dot products
@@ -407,9 +407,10 @@ static void dots_2x4(const float *r0, const float *r1, const float *const x[4], 
 
 /* Rows [n0, n1) of any quantized kind (a constant at each call: one specialized loop each); scale row of row n:
  * s + (n / block_rows) * lds elements of `ssize` bytes. Returns 0 when out of memory (nothing computed). */
-static inline __attribute__((always_inline)) int gemv_quant(int kind, const uint8_t *w, long ldw, const void *s, long lds, long ssize,
-                             long block_rows, long group, const float *x, long ldx, float *y, long ldy, long B,
-                             long K, long n0, long n1) {
+static inline __attribute__((always_inline)) int gemv_quant(int kind, const uint8_t *w, long ldw, const void *s,
+                                                             long lds, long ssize, long block_rows, long group,
+                                                             const float *x, long ldx, float *y, long ldy, long B,
+                                                             long K, long n0, long n1) {
     const int nib = NIBBLES(kind);
     long half = (K + 1) / 2;
     long groups = (K + group - 1) / group, each = 2 * half + groups;
