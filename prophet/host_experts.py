@@ -17,14 +17,14 @@ down projection), ``y = w2 a + b2`` in fp32. Matrix products (`host_linear`):
         eager model computes it (bf16 products accumulated in fp32, each output rounded to bf16)
     bf16/fp16, more tokens otherwise: row tiles widened to fp32 and multiplied by torch (compute-bound there anyway)
     fp32: torch's fp32 matmul, rows split over the threads
-    int8/int4 group-quantized and fp8 stores, up to ``QUANT_MAX_TOKENS`` tokens, kernel built:
-        `prophet.host_gemv.gemv_int_rows` / `gemv_fp8_rows` read the stored bytes (values + scales,
-        `QuantWeight`) and dequantize in registers to fp32 weights exactly as `prophet.formats.dequantize` gives
-        them; the paths below (and the device kernels) round them to the compute dtype first, so in bf16 this one
-        is the closer to the quantized weights, by at most that rounding
-    mxfp4 stores (or no kernel): each expert dequantized by the format's reference
-        (`HostStore.read_canonical`) to the compute dtype, then the dense path. Correct, but it reads and writes
-        a dense copy: a kernel of the format's own would keep it at the memory's speed.
+    int8/int4 group-quantized, fp8 and mxfp4 stores, up to ``QUANT_MAX_TOKENS`` tokens, kernel built:
+        `prophet.host_gemv.gemv_int_rows` / `gemv_fp8_rows` / `gemv_mxfp4_rows` read the stored bytes (values +
+        scales, `QuantWeight`) and dequantize in registers to fp32 weights exactly as
+        `prophet.formats.dequantize` gives them; the paths below (and the device kernels) round them to the
+        compute dtype first, so in bf16 this one is the closer to the quantized weights, by at most that rounding
+    quantized stores without the kernel (or past ``QUANT_MAX_TOKENS``): each expert dequantized by the format's
+        reference (`HostStore.read_canonical`) to the compute dtype, then the dense path. Correct, but it reads
+        and writes a dense copy.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from prophet.errors import ConfigError, DtypeError
 from prophet.formats import ExpertFormat
 from prophet.store import HostStore
 
-QUANT_MAX_TOKENS = 32  # the quantized kernels' time grows with tokens (they dequantize per token), the reference
-# path's hardly: int8 at 1 token 100x faster, at 32 still 5x (experiments/results/host_experts_bench.json)
+QUANT_MAX_TOKENS = 32  # the quantized kernels' time grows with tokens (from 2 tokens each row is dequantized once,
+# then fp32 dot products, 4 tokens at a time), the reference path's hardly (experiments/results/host_experts_bench.json)
 GEMV_MAX_TOKENS = 32  # the kernel re-widens weights per token pair; past this, widened tiles + torch matmul win (measured: the kernel is 1.5-3.6x faster up to 32 tokens)
 # On a CPU that multiplies bf16 natively (AVX512-BF16, AMX), torch's bf16 matmul beats the kernel from 3 tokens on
 # (kernel/torch 1.10x at 2 tokens, 0.94x at 4, 0.47x at 32: experiments/results/host_experts_bench.json)
@@ -58,8 +58,9 @@ ROW_ALIGN = 16  # thread row ranges start on multiples of this (whole cache line
 @dataclass(frozen=True)
 class QuantWeight:
     """A quantized weight matrix ``[N, K]`` as stored, for the host kernels: int8 ``[N, K]`` or int4 packed
-    ``[N, ceil(K/2)]`` values with fp16 ``scales [N, ceil(K/group)]`` (``kind`` "int"), or e4m3 ``[N, K]`` values
-    with fp32 scales per ``block_rows x group`` block (``kind`` "fp8")."""
+    ``[N, ceil(K/2)]`` values with fp16 ``scales [N, ceil(K/group)]`` (``kind`` "int"), e4m3 ``[N, K]`` values
+    with fp32 scales per ``block_rows x group`` block (``kind`` "fp8"), or packed e2m1 ``[N, ceil(K/2)]`` values
+    with uint8 e8m0 ``scales [N, ceil(K/32)]`` (``kind`` "mxfp4")."""
 
     kind: str
     values: torch.Tensor
@@ -152,7 +153,8 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 class HostExperts:
     """Computes experts on ``threads`` CPU threads from ``store`` (any layer, any expert).
 
-    A quantized store's experts are dequantized by their format's reference first. Call `close` (or use as a
+    A quantized store's experts are computed from their stored bytes by the kernel of their format (or, without
+    it, dequantized by their format's reference first). Call `close` (or use as a
     context manager) to stop the threads.
     """
 
@@ -174,7 +176,8 @@ class HostExperts:
         self.native = native_bf16() if native is None else native  # torch's bf16 matmul for bf16 tokens past 2
         self.gemv_max_tokens = NATIVE_GEMV_MAX_TOKENS if self.native else GEMV_MAX_TOKENS
         weights = store.weights
-        self.quant_kernel = self.kernel and (weights.kind == "fp8" or (weights.kind == "int" and weights.block_rows == 1))
+        self.quant_kernel = self.kernel and (weights.kind in ("fp8", "mxfp4")
+                                             or (weights.kind == "int" and weights.block_rows == 1))
         self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="prophet-host")
         self._driver = ThreadPoolExecutor(1, thread_name_prefix="prophet-host-driver")  # orders layer jobs
         self._local = threading.local()  # per-thread fp32 tile for widened weights
@@ -251,6 +254,8 @@ class HostExperts:
         if isinstance(w, QuantWeight) and w.kind == "fp8":
             part: Callable[[int, int], None] = lambda a, b: host_gemv.gemv_fp8_rows(  # noqa: E731
                 w.values, w.scales, w.block_rows, w.group, x, y, a, b)
+        elif isinstance(w, QuantWeight) and w.kind == "mxfp4":
+            part = lambda a, b: host_gemv.gemv_mxfp4_rows(w.values, w.scales, x, y, a, b)  # noqa: E731
         elif isinstance(w, QuantWeight):
             part = lambda a, b: host_gemv.gemv_int_rows(  # noqa: E731
                 w.values, w.scales, w.group, w.bits, x, y, a, b)

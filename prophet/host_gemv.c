@@ -1,5 +1,5 @@
 /* Expert weights x fp32 tokens on the host CPU (AVX2 + FMA + F16C), for experts computed where their weights
- * are: bf16 here; group-quantized int8/int4 and fp8 e4m3 further down (each read from its stored bytes).
+ * are: bf16 here; group-quantized int8/int4, fp8 e4m3 and mxfp4 further down (each read from its stored bytes).
  *
  * y[b, n] = sum_k w[n, k] * x[b, k]   for rows n in [n0, n1), tokens b in [0, B)
  *
@@ -219,133 +219,271 @@ void prophet_widen_bf16(const uint16_t *src, float *dst, long n) {
     for (; i < n; i++) dst[i] = widen1(src[i]);
 }
 
-/* ---- group-quantized integer weights ------------------------------------------------------------------------
+/* ---- quantized weights, decoded in registers ----------------------------------------------------------------
  *
- * y[b, n] = sum_g s[n, g] * sum_{k in group g} q[n, k] * x[b, k]
+ * y[b, n] = sum_g s[n, g] * sum_{k in group g} v[n, k] * x[b, k]
  *
- * q: int8 (bits 8) or int4 (bits 4: two a byte, the even column in the low nibble, stored as q + 8), row stride
- * ldw bytes; s: fp16 scales, one per `group` columns of a row, row stride lds; x, y fp32 as above. This is
- * `prophet.formats.dequantize` (w = q * s, exact in fp32) then the product, up to the order of fp32 sums: the
- * integers are widened to fp32 in registers, each group's sum is scaled once, and no weight is written. Four
- * FMA chains per row (one would wait on its own latency). A row of bytes is read from DRAM once and from L1 for
- * each further token. An int4 row's even and odd columns come from the low and high nibbles of the same bytes,
- * so each token is split once into its even and odd halves to pair with them.
+ * Weights exactly as `prophet.formats.dequantize` gives them (w = v * s), fp32 sums; no weight is written:
+ *   INT8   int8 values, fp16 scale per `group` columns of a row
+ *   INT4   two values a byte (the even column in the low nibble), stored as v + 8; fp16 scales as INT8
+ *   FP8    e4m3fn codes, fp32 scale_inv per block_rows x group block (per tensor, per row or 128 x 128)
+ *   MXFP4  two e2m1 codes a byte (low nibble first), e8m0 scale 2^(e - 127) per 32 columns
+ * Row stride ldw bytes, scale row stride lds elements. Each group's products are summed unscaled (decoded values
+ * are exact in fp32) and the sum scaled once. Decoding is a few integer ops and one conversion per 8 weights:
+ *   int8/int4  widen to 32-bit lanes (nibbles: mask / shift), convert;
+ *   fp8        sign-extend to 16 bits, shift left 7 and clear bit 14: the fp16 whose exponent and mantissa are
+ *              e4m3's with bias 15 instead of 7, so v * 2^-8 exactly (subnormals too: m * 2^-17), converted by
+ *              F16C; the 2^8 goes into the group's scale. NaN codes (0x7f, 0xff) decode as +-480, never NaN:
+ *              the quantizer clamps to +-448 and never writes them;
+ *   mxfp4      one permute of the 8 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} by the code's low 3 bits (the
+ *              permute reads only those), then xor with the code shifted left 28: bit 3 lands on the sign and
+ *              bits 0-2 undo the same xor stored in the table entries (`flips`): 3 ops per 8 weights.
+ * int4 sums the stored codes (v + 8) and takes 8 x the group's sum of x off once (two fewer integer ops per 16
+ * weights). mxfp4's groups are one 32-column step: its table is scaled instead (8 magnitudes x 2^(e-127), exact)
+ * so its chains run on across groups. One token: a row at a time (one sequential stream; two rows at once spill
+ * the 16 AVX2 registers), four FMA chains. From DEQUANT_TOKENS tokens on, rows are dequantized two at a time into
+ * an L1 buffer (exactly `dequantize`'s fp32 weights) and dotted with four tokens at a time in fp32: each row is
+ * read from DRAM once whatever the batch. For the nibble formats each token is split once into its even and odd
+ * columns to pair with the low and high nibbles of the same bytes.
  */
-static inline float half1(uint16_t h) { return _cvtsh_ss(h); }
+enum { INT8, INT4, FP8, MXFP4 };
+#define DEQUANT_TOKENS 3 /* from this many tokens on, rows are dequantized once into L1, then fp32 dot products
+                          * (at 2, decoding twice in registers was faster: 0.27 vs 0.21 of the read for int8) */
+#define NIBBLES(kind) ((kind) == INT4 || (kind) == MXFP4)
 
-static inline __m256 int8x8(const int8_t *q) { /* 8 int8 -> fp32 */
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+/* 16 weights from q -> *a, *b: one-byte formats columns k..k+7 and k+8..k+15 (16 bytes), nibble formats the
+ * even and odd columns of 16 (8 bytes). int4 comes out as its stored code (v + 8), fp8 times 2^-8, mxfp4 as
+ * `mags` (its 8 magnitudes, scaled or not, xor `flips`) gives it. */
+static inline __attribute__((always_inline)) void decode16(int kind, const uint8_t *q, __m256 mags, __m256 *a,
+                                                           __m256 *b) {
+    if (kind == INT8) {
+        *a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+        *b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8))));
+    } else if (kind == FP8) {
+        __m256i h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q)), 7);
+        h = _mm256_and_si256(h, _mm256_set1_epi16((short)0xbfff));
+        *a = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+        *b = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+    } else {
+        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+        if (kind == INT4) {
+            *a = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+            *b = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+        } else {
+            __m256i h = _mm256_srli_epi32(v, 4); /* the permute reads the low 3 bits, the xor flips bit 31 */
+            *a = _mm256_xor_ps(_mm256_permutevar8x32_ps(mags, v), _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
+            *b = _mm256_xor_ps(_mm256_permutevar8x32_ps(mags, h), _mm256_castsi256_ps(_mm256_slli_epi32(h, 28)));
+        }
+    }
 }
 
-/* ---- fp8 e4m3 weights ---------------------------------------------------------------------------------------
- *
- * y[b, n] = sum_k v[n, k] * s[n / block_rows, k / group] * x[b, k], v e4m3fn codes (row stride ldw bytes), s fp32
- * scale_inv (row stride lds): per tensor (block_rows >= N, group >= K), per row (1, K) or per 128 x 128 block.
- * Codes are decoded exactly from their bits (sign, 4 exponent bits with bias 7, 3 mantissa bits; exponent 0 is
- * subnormal, m x 2^-9); NaN codes (0x7f, 0xff) are not decoded as NaN: the quantizer clamps to +-448 and never
- * writes them. Each block's sum is scaled once, as for the integers.
- */
-static inline __m256 fp8x8(const uint8_t *q) { /* 8 e4m3fn codes -> fp32 */
-    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
-    __m256i em = _mm256_and_si256(v, _mm256_set1_epi32(0x7f));
-    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
-    /* normal: exponent e + 120 (= e - 7 + 127) and the mantissa's 3 bits on top of fp32's 23 */
-    __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23)));
-    __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(1.0f / 512));
-    __m256 small = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em));
-    return _mm256_or_ps(_mm256_blendv_ps(normal, subnormal, small), _mm256_castsi256_ps(sign));
-}
-
-static inline float fp8_1(uint8_t c) {
+static inline float fp8_1(uint8_t c) { /* one e4m3fn code, times 2^-8 like decode16 */
     int em = c & 0x7f;
-    union { uint32_t u; float f; } n = { ((uint32_t)em << 20) + (120u << 23) };
-    float m = em < 8 ? (float)em / 512 : n.f;
+    union { uint32_t u; float f; } n = { ((uint32_t)em << 20) + (112u << 23) };
+    float m = em < 8 ? (float)em / (1 << 17) : n.f;
     return c & 0x80 ? -m : m;
 }
 
-enum { INT8, FP8 }; /* one byte a weight */
+static const float E2M1[16] = {0, .5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -.5f, -1, -1.5f, -2, -3, -4, -6};
 
-/* One row of one-byte weights . one token: each group of `group` columns summed in fp32 (four chains), then
- * scaled once by its scale (fp16 for INT8, fp32 for FP8; `kind` is a constant at every call, so the compiler
- * makes one loop per kind). */
-static inline float row_bytes(int kind, const uint8_t *q, const void *s, long group, const float *x, long K) {
-#define DECODE8(p) (kind == INT8 ? int8x8((const int8_t *)(p)) : fp8x8(p))
-    __m256 total = _mm256_setzero_ps();
+static inline float value1(int kind, const uint8_t *q, long k) { /* column k of a row, as decode16 */
+    if (kind == INT8) return (float)(int8_t)q[k];
+    if (kind == FP8) return fp8_1(q[k]);
+    int code = k % 2 ? q[k / 2] >> 4 : q[k / 2] & 15;
+    return kind == INT4 ? (float)code : E2M1[code];
+}
+
+static inline float scale1(int kind, const void *s, long g) { /* group g's scale, times 2^8 for fp8 */
+    if (kind == FP8) return ((const float *)s)[g] * 256.0f;
+    if (kind == MXFP4) {
+        uint32_t e = ((const uint8_t *)s)[g];
+        union { uint32_t u; float f; } c = { e ? e << 23 : 1u << 22 }; /* 2^(e-127); e = 0 is subnormal */
+        return c.f;
+    }
+    return _cvtsh_ss(((const uint16_t *)s)[g]);
+}
+
+/* 32 weights of one row from column k (a multiple of 16; nibble formats: even) times the token, into four
+ * chains a[0..3]. x0, x1: the token twice (one-byte formats) or its even and odd columns (nibble formats). */
+static inline __attribute__((always_inline)) void chunk32(int kind, const uint8_t *q, long k, __m256 mags,
+                                                          const float *x0, const float *x1, __m256 *a) {
+    const int nib = NIBBLES(kind);
+    __m256 w0, w1, w2, w3;
+    decode16(kind, q + (nib ? k / 2 : k), mags, &w0, &w1);
+    decode16(kind, q + (nib ? k / 2 + 8 : k + 16), mags, &w2, &w3);
+    a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(nib ? x0 + k / 2 : x0 + k), a[0]);
+    a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(nib ? x1 + k / 2 : x0 + k + 8), a[1]);
+    a[2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(nib ? x0 + k / 2 + 8 : x0 + k + 16), a[2]);
+    a[3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(nib ? x1 + k / 2 + 8 : x0 + k + 24), a[3]);
+}
+
+/* Columns [k, g1) of one row one at a time, unscaled. */
+static inline float columns1(int kind, const uint8_t *q, long k, long g1, const float *x0, const float *x1) {
+    float s = 0;
+    for (; k < g1; k++) s += value1(kind, q, k) * (NIBBLES(kind) ? (k % 2 ? x1[k / 2] : x0[k / 2]) : x0[k]);
+    return s;
+}
+
+/* One row q with scales s . one token. int8/int4/fp8: each group's sum (four chains) scaled once. mxfp4 (groups
+ * of 32, one chunk): its 8 magnitudes times the group's scale are the permute's table, so the decoded weights
+ * are dequantize's (a power of two: exact) and the chains run across groups. */
+static inline __attribute__((always_inline)) float row_token(int kind, const uint8_t *q, const void *s, long group,
+                                                             const float *x0, const float *x1, const float *xsum,
+                                                             long K) {
+    const __m256 zero = _mm256_setzero_ps(), mags = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+    const __m256 flips = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), 28));
+    __m256 total = zero, a[4] = {zero, zero, zero, zero};
     float tail = 0;
     for (long g0 = 0; g0 < K; g0 += group) {
         long g1 = g0 + group < K ? g0 + group : K, k = g0;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (; k + 32 <= g1; k += 32) {
-            a0 = _mm256_fmadd_ps(DECODE8(q + k), _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(DECODE8(q + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-            a2 = _mm256_fmadd_ps(DECODE8(q + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-            a3 = _mm256_fmadd_ps(DECODE8(q + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+        float sf = scale1(kind, s, g0 / group);
+        if (kind == MXFP4) {
+            if (g1 - g0 == 32)
+                chunk32(kind, q, k, _mm256_xor_ps(_mm256_mul_ps(mags, _mm256_set1_ps(sf)), flips), x0, x1, a);
+            else
+                tail += columns1(kind, q, k, g1, x0, x1) * sf;
+            continue;
         }
-        for (; k + 8 <= g1; k += 8) a0 = _mm256_fmadd_ps(DECODE8(q + k), _mm256_loadu_ps(x + k), a0);
-        float sf = kind == INT8 ? half1(((const uint16_t *)s)[g0 / group]) : ((const float *)s)[g0 / group], rest = 0;
-        for (; k < g1; k++) rest += (kind == INT8 ? (float)(int8_t)q[k] : fp8_1(q[k])) * x[k];
-        total = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), _mm256_set1_ps(sf), total);
+        if (!NIBBLES(kind) || g0 % 2 == 0) /* nibble formats: whole bytes from here */
+            for (; k + 32 <= g1; k += 32) chunk32(kind, q, k, mags, x0, x1, a);
+        float rest = columns1(kind, q, k, g1, x0, x1) - (kind == INT4 ? 8 * xsum[g0 / group] : 0);
+        __m256 sum = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+        total = _mm256_fmadd_ps(sum, _mm256_set1_ps(sf), total);
         tail += rest * sf;
+        a[0] = a[1] = a[2] = a[3] = zero;
     }
-#undef DECODE8
+    if (kind == MXFP4) total = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
     return hsum(total) + tail;
 }
 
-/* one int4 row . one token given as its even (xe) and odd (xo) columns, K/2 rounded up each */
-static float row_int4(const uint8_t *q, const uint16_t *s, long group, const float *xe, const float *xo, long K) {
-    const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
-    __m256 total = _mm256_setzero_ps();
-    float tail = 0;
+/* One row q with scales s -> its weights as `prophet.formats.dequantize` gives them (each v * s rounded once to
+ * fp32: decode16's value times its scale, exact but for fp8's single rounding), in x0/x1's order: the row
+ * (one-byte formats) or its even then its `half` odd columns (nibble formats). */
+static inline __attribute__((always_inline)) void dequantize_row(int kind, const uint8_t *q, const void *s,
+                                                                 long group, long K, long half, float *out) {
+    const int nib = NIBBLES(kind);
+    const __m256 mags = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+    const __m256 flips = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), 28));
+    float *o0 = out, *o1 = nib ? out + half : out + 8;
     for (long g0 = 0; g0 < K; g0 += group) {
         long g1 = g0 + group < K ? g0 + group : K, k = g0;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        if (g0 % 2 == 0) /* whole bytes from here: eight bytes hold 16 columns */
-            for (; k + 32 <= g1; k += 32) {
-                __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k / 2)));
-                __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k / 2 + 8)));
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b0, low), eight)),
-                                     _mm256_loadu_ps(xe + k / 2), a0);
-                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b0, 4), eight)),
-                                     _mm256_loadu_ps(xo + k / 2), a1);
-                a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b1, low), eight)),
-                                     _mm256_loadu_ps(xe + k / 2 + 8), a2);
-                a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b1, 4), eight)),
-                                     _mm256_loadu_ps(xo + k / 2 + 8), a3);
+        float sf = scale1(kind, s, g0 / group);
+        __m256 sv = _mm256_set1_ps(sf), offset = _mm256_set1_ps(kind == INT4 ? -8 * sf : 0);
+        if (!nib || g0 % 2 == 0)
+            for (; k + 16 <= g1; k += 16) {
+                __m256 w0, w1;
+                decode16(kind, q + (nib ? k / 2 : k), _mm256_xor_ps(mags, flips), &w0, &w1);
+                _mm256_storeu_ps(nib ? o0 + k / 2 : o0 + k, _mm256_fmadd_ps(w0, sv, offset));
+                _mm256_storeu_ps(nib ? o1 + k / 2 : o1 + k, _mm256_fmadd_ps(w1, sv, offset));
             }
-        float sf = half1(s[g0 / group]), rest = 0;
-        for (; k < g1; k++) {
-            int code = k % 2 ? q[k / 2] >> 4 : q[k / 2] & 15;
-            rest += (float)(code - 8) * (k % 2 ? xo[k / 2] : xe[k / 2]);
-        }
-        total = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), _mm256_set1_ps(sf), total);
-        tail += rest * sf;
+        for (; k < g1; k++)
+            out[nib ? (k % 2) * half + k / 2 : k] = (value1(kind, q, k) - (kind == INT4 ? 8 : 0)) * sf;
     }
-    return hsum(total) + tail;
 }
 
-/* Returns 0 when out of memory (nothing computed), else 1. */
-int prophet_gemv_int(const uint8_t *w, long ldw, const uint16_t *s, long lds, long group, int bits, const float *x,
-                     long ldx, float *y, long ldy, long B, long K, long n0, long n1) {
-    float *split = NULL; /* int4: per token, its K/2 even then K/2 odd columns (rounded up) */
-    long half = (K + 1) / 2;
-    if (bits == 4) {
-        split = malloc((size_t)(B * 2 * half) * sizeof(float) + 1);
-        if (split == NULL) return 0;
-        for (long b = 0; b < B; b++)
-            for (long k = 0; k < K; k++) split[b * 2 * half + (k % 2) * half + k / 2] = x[b * ldx + k];
+/* Rows r0, r1 (n fp32 values each) . tokens x[0..3] -> out[row][token]: each row vector loaded feeds four
+ * tokens and each token vector two rows (eight chains, named: an array of them lands on the stack). A missing row
+ * or token is passed as a repeat and its outputs dropped by the caller. */
+static void dots_2x4(const float *r0, const float *r1, const float *const x[4], long n, float out[2][4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 u = _mm256_loadu_ps(r0 + i), v = _mm256_loadu_ps(r1 + i), t;
+#define TOKEN(j, a, c) t = _mm256_loadu_ps(x[j] + i), a = _mm256_fmadd_ps(u, t, a), c = _mm256_fmadd_ps(v, t, c)
+        TOKEN(0, a0, c0);
+        TOKEN(1, a1, c1);
+        TOKEN(2, a2, c2);
+        TOKEN(3, a3, c3);
+#undef TOKEN
     }
-    for (long n = n0; n < n1; n++)
-        for (long b = 0; b < B; b++)
-            y[b * ldy + n] = bits == 8 ? row_bytes(INT8, w + n * ldw, s + n * lds, group, x + b * ldx, K)
-                                       : row_int4(w + n * ldw, s + n * lds, group, split + b * 2 * half,
-                                                  split + b * 2 * half + half, K);
+    out[0][0] = hsum(a0), out[0][1] = hsum(a1), out[0][2] = hsum(a2), out[0][3] = hsum(a3);
+    out[1][0] = hsum(c0), out[1][1] = hsum(c1), out[1][2] = hsum(c2), out[1][3] = hsum(c3);
+    for (; i < n; i++)
+        for (int j = 0; j < 4; j++) {
+            out[0][j] += r0[i] * x[j][i];
+            out[1][j] += r1[i] * x[j][i];
+        }
+}
+
+/* Rows [n0, n1) of any quantized kind (a constant at each call: one specialized loop each); scale row of row n:
+ * s + (n / block_rows) * lds elements of `ssize` bytes. Returns 0 when out of memory (nothing computed). */
+static inline __attribute__((always_inline)) int gemv_quant(int kind, const uint8_t *w, long ldw, const void *s,
+                                                             long lds, long ssize, long block_rows, long group,
+                                                             const float *x, long ldx, float *y, long ldy, long B,
+                                                             long K, long n0, long n1) {
+    const int nib = NIBBLES(kind);
+    long half = (K + 1) / 2;
+    long groups = (K + group - 1) / group, each = 2 * half + groups;
+    float *split = NULL; /* nibble formats: per token, its `half` even then `half` odd columns, then group sums */
+    if (nib) {
+        split = malloc((size_t)(B * each) * sizeof(float) + 1);
+        if (split == NULL) return 0;
+        for (long b = 0; b < B; b++) {
+            float *t = split + b * each;
+            for (long k = 0; k < K; k++) t[(k % 2) * half + k / 2] = x[b * ldx + k];
+            if (K % 2) t[2 * half - 1] = 0; /* an odd K's last odd slot: 0, as in the dequantized rows */
+            for (long g = 0; g < groups; g++) {
+                float sum = 0;
+                for (long k = g * group; k < K && k < (g + 1) * group; k++) sum += x[b * ldx + k];
+                t[2 * half + g] = sum;
+            }
+        }
+    }
+    if (B < DEQUANT_TOKENS) {
+        for (long n = n0; n < n1; n++)
+            for (long b = 0; b < B; b++) {
+                const float *x0 = nib ? split + b * each : x + b * ldx;
+                y[b * ldy + n] = row_token(kind, w + n * ldw, (const char *)s + (n / block_rows) * lds * ssize, group,
+                                           x0, nib ? x0 + half : x0, x0 + 2 * half, K);
+            }
+        free(split);
+        return 1;
+    }
+    long cols = nib ? 2 * half : K; /* a dequantized row, in its tokens' order */
+    float *rows = malloc((size_t)(2 * cols) * sizeof(float));
+    if (rows == NULL) {
+        free(split);
+        return 0;
+    }
+    for (long n = n0; n < n1; n += 2) {
+        int two = n + 1 < n1;
+        for (int r = 0; r <= two; r++) {
+            dequantize_row(kind, w + (n + r) * ldw, (const char *)s + ((n + r) / block_rows) * lds * ssize, group,
+                           K, half, rows + r * cols);
+            if (nib && K % 2) rows[r * cols + cols - 1] = 0;
+        }
+        for (long b = 0; b < B; b += 4) {
+            const float *xt[4];
+            float out[2][4];
+            for (int j = 0; j < 4; j++) {
+                long t = b + j < B ? b + j : B - 1;
+                xt[j] = nib ? split + t * each : x + t * ldx;
+            }
+            dots_2x4(rows, two ? rows + cols : rows, xt, cols, out);
+            for (int j = 0; j < 4 && b + j < B; j++)
+                for (int r = 0; r <= two; r++) y[(b + j) * ldy + n + r] = out[r][j];
+        }
+    }
+    free(rows);
     free(split);
     return 1;
 }
 
+/* int8 (bits 8) or int4 (bits 4) rows, fp16 scales per `group` columns. 0 when out of memory, else 1. */
+int prophet_gemv_int(const uint8_t *w, long ldw, const uint16_t *s, long lds, long group, int bits, const float *x,
+                     long ldx, float *y, long ldy, long B, long K, long n0, long n1) {
+    if (bits == 8) return gemv_quant(INT8, w, ldw, s, lds, 2, 1, group, x, ldx, y, ldy, B, K, n0, n1);
+    return gemv_quant(INT4, w, ldw, s, lds, 2, 1, group, x, ldx, y, ldy, B, K, n0, n1);
+}
+
+/* fp8 e4m3 rows, fp32 scale_inv per block_rows x group block. */
 void prophet_gemv_fp8(const uint8_t *w, long ldw, const float *s, long lds, long block_rows, long group,
                       const float *x, long ldx, float *y, long ldy, long B, long K, long n0, long n1) {
-    for (long n = n0; n < n1; n++)
-        for (long b = 0; b < B; b++)
-            y[b * ldy + n] = row_bytes(FP8, w + n * ldw, s + (n / block_rows) * lds, group, x + b * ldx, K);
+    gemv_quant(FP8, w, ldw, s, lds, 4, block_rows, group, x, ldx, y, ldy, B, K, n0, n1);
+}
+
+/* mxfp4 rows, e8m0 scales per 32 columns. 0 when out of memory, else 1. */
+int prophet_gemv_mxfp4(const uint8_t *w, long ldw, const uint8_t *s, long lds, const float *x, long ldx, float *y,
+                       long ldy, long B, long K, long n0, long n1) {
+    return gemv_quant(MXFP4, w, ldw, s, lds, 1, 1, 32, x, ldx, y, ldy, B, K, n0, n1);
 }

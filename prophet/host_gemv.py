@@ -1,4 +1,4 @@
-"""The host's GEMV kernels (``host_gemv.c``: bf16, int8/int4 group-quantized and fp8 e4m3 weights), compiled on
+"""The host's GEMV kernels (``host_gemv.c``: bf16, int8/int4 group-quantized, fp8 e4m3 and mxfp4 weights), compiled on
 first use and called through ctypes.
 
 torch's own bf16 matrix-vector product reaches about 0.55 of the host's read bandwidth on CPUs without native
@@ -75,6 +75,8 @@ def library() -> ctypes.CDLL | None:
     lib.prophet_gemv_int.restype = ctypes.c_int
     lib.prophet_gemv_fp8.argtypes = [_P, _L, _P, _L, _L, _L, _P, _L, _P, _L, _L, _L, _L, _L]
     lib.prophet_gemv_fp8.restype = None
+    lib.prophet_gemv_mxfp4.argtypes = [_P, _L, _P, _L, _P, _L, _P, _L, _L, _L, _L, _L]
+    lib.prophet_gemv_mxfp4.restype = ctypes.c_int
     lib.prophet_read_f32.argtypes = [_P, _L]
     lib.prophet_read_f32.restype = ctypes.c_double
     return lib
@@ -116,6 +118,19 @@ def gemv_fp8_rows(values: torch.Tensor, scales: torch.Tensor, block_rows: int, g
     assert lib is not None, "call available() first"
     lib.prophet_gemv_fp8(values.data_ptr(), values.stride(0), scales.data_ptr(), scales.stride(0), block_rows, group,
                          x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], x.shape[1], n0, n1)
+
+
+def gemv_mxfp4_rows(values: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, y: torch.Tensor, n0: int,
+                    n1: int) -> None:
+    """``y[:, n0:n1] = x @ w[n0:n1].T`` for mxfp4 ``w [N, K]`` (`prophet.formats` mxfp4: packed e2m1 ``values
+    [N, ceil(K/2)]``, uint8 e8m0 ``scales [N, ceil(K/32)]``, rows contiguous), ``w`` as
+    `prophet.formats.dequantize` gives it; fp32 ``x [B, K]``, ``y [B, N]``. Releases the GIL while it runs."""
+    lib = library()
+    assert lib is not None, "call available() first"
+    k = x.shape[1]
+    if not lib.prophet_gemv_mxfp4(values.data_ptr(), values.stride(0), scales.data_ptr(), scales.stride(0),
+                                  x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[0], k, n0, n1):
+        raise MemoryError(f"host mxfp4 kernel: no memory for {x.shape[0]} tokens of {k} values")
 
 
 def widen(src: torch.Tensor, dst: torch.Tensor) -> None:

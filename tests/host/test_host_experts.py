@@ -137,14 +137,17 @@ def test_kernel_rows_equal_fp32_product(shape: tuple[int, int], tokens: int, bf1
 @pytest.mark.parametrize(("shape", "group"), [((5, 64), 32), ((9, 37), 16), ((7, 301), 0), ((3, 40), 7),
                                               ((4, 200), 64)])
 def test_int_kernel_equals_dequantize_then_matmul(bits: int, shape: tuple[int, int], group: int) -> None:
-    """int8/int4 rows (odd sizes, group tails, odd groups, one scale per row, whole 32-column blocks) against
-    the reference `dequantize` then an fp64 product; 1 and 3 tokens."""
+    """int8/int4 rows (every code, odd sizes, group tails, odd groups, one scale per row, whole 32-column blocks)
+    against the reference `dequantize` then an fp64 product; 1 token (decode in registers), 3 and 32 (rows
+    dequantized once, then fp32 dot products)."""
     n, k = shape
     wf = weight_format(f"int{bits}", group_size=group)
     gen = torch.Generator().manual_seed(n * k + bits + group)
     values, scales = quantize(wf, torch.randn(n, k, generator=gen))
+    codes = torch.randint(0, 256, (values.numel(),), generator=gen, dtype=torch.uint8)  # -128 and -8 too
+    values.view(torch.uint8).view(-1).copy_(codes)
     w = dequantize(wf, values, scales, shape).double()
-    for tokens in (1, 3):
+    for tokens in (1, 3, 32):
         x = torch.randn(tokens, k, generator=gen)
         y = torch.full((tokens, n), float("nan"))
         host_gemv.gemv_int_rows(values, scales, group or k, bits, x, y, 0, n)
@@ -159,7 +162,7 @@ def test_int_kernel_equals_dequantize_then_matmul(bits: int, shape: tuple[int, i
 @pytest.mark.parametrize("shape", [(300, 260), (5, 37), (130, 8)])
 def test_fp8_kernel_equals_dequantize_then_matmul(name: str, shape: tuple[int, int]) -> None:
     """e4m3 rows (every code: subnormals, zero, both signs) with per-tensor, per-row and 128x128 block scales
-    (block tails in both dims) against the reference `dequantize` then an fp64 product; 1 and 3 tokens."""
+    (block tails in both dims) against the reference `dequantize` then an fp64 product; 1, 3 and 32 tokens."""
     n, k = shape
     wf = weight_format(name)
     gen = torch.Generator().manual_seed(n * k + len(name))
@@ -170,18 +173,46 @@ def test_fp8_kernel_equals_dequantize_then_matmul(name: str, shape: tuple[int, i
         values.view(torch.uint8).view(-1)[: len(codes)] = codes
     ref = dequantize(wf, values, scales, shape).double()
     block_rows, group = wf.block(n, k)
-    for tokens in (1, 3):
+    for tokens in (1, 3, 32):
         x = torch.randn(tokens, k, generator=gen)
         y = torch.full((tokens, n), float("nan"))
         host_gemv.gemv_fp8_rows(values, scales, block_rows, group, x, y, 0, n)
         torch.testing.assert_close(y.double(), x.double() @ ref.T, atol=1e-5 * k**0.5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4", "fp8", "fp8-channel"])
+@pytest.mark.skipif(not host_gemv.available(), reason="host GEMV kernel not built here")
+@pytest.mark.parametrize("shape", [(33, 130), (4, 64), (7, 45), (3, 31)])
+def test_mxfp4_kernel_equals_dequantize_then_matmul(shape: tuple[int, int]) -> None:
+    """mxfp4 rows (every byte of two e2m1 codes, e8m0 scales from 2^-127 up, a partial last group, odd K)
+    against the reference `dequantize` then an fp64 product; 1 token (decode in registers), 3 and 32 (rows
+    dequantized once, then fp32 dot products)."""
+    n, k = shape
+    wf = weight_format("mxfp4")
+    gen = torch.Generator().manual_seed(n * k)
+    values, scales = quantize(wf, torch.randn(n, k, generator=gen))
+    values.view(-1).copy_(torch.randint(0, 256, (values.numel(),), generator=gen, dtype=torch.uint8))
+    if values.numel() >= 256:
+        values.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    scales.copy_(torch.randint(0, 141, scales.shape, generator=gen, dtype=torch.uint8))
+    scales.view(-1)[0] = 0  # 2^-127: the subnormal scale
+    ref = dequantize(wf, values, scales, shape).double()
+    for tokens in (1, 3, 32):
+        x = torch.randn(tokens, k, generator=gen)
+        y = torch.full((tokens, n), float("nan"))
+        host_gemv.gemv_mxfp4_rows(values, scales, x, y, 0, n)
+        bound = 1e-6 * (x.double().abs() @ ref.abs().T) + 1e-30  # fp32 sums of terms 2^-127 .. 2^16 apart
+        assert ((y.double() - x.double() @ ref.T).abs() <= bound).all()
+        y2 = torch.full((tokens, n), float("nan"))
+        host_gemv.gemv_mxfp4_rows(values, scales, x, y2, 1, n - 1)  # a row range leaves the rest untouched
+        assert y2[:, 0].isnan().all() and y2[:, -1].isnan().all()
+        torch.testing.assert_close(y2[:, 1:-1], y[:, 1:-1])
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8", "fp8-channel", "mxfp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_quant_store_host_experts_against_reference(weights: str, dtype: torch.dtype, tokens: int) -> None:
-    """A whole layer from an int8/int4/fp8 store through its kernel (biases, gpt_oss activation, odd sizes):
+    """A whole layer from an int8/int4/fp8/mxfp4 store through its kernel (biases, gpt_oss activation, odd sizes):
     equal to the dequantize reference in fp32; in bf16 no further from the fp64 product of the quantized
     weights than the path that dequantizes to bf16 first (the fallback, and the device kernels)."""
     fmt = FORMATS[2] if tokens == 1 else FORMATS[1]
