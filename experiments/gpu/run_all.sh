@@ -90,8 +90,9 @@ part quant-check 90 \
 part step-time 60 \
   python3 experiments/gpu/step_time.py --out "$res" \
   -- python3 experiments/gpu/step_time.py --dry-run
-part host-bench 45 \
-  python3 experiments/host_experts_bench.py --batches 1,16 --threads 1,4,8,15 --rounds 3 --out "$res/host_experts_bench_${gpu}.json" \
+part host-bench 60 \
+  python3 experiments/host_experts_bench.py --weights bf16,int8,int4,fp8,mxfp4 --batches 1,16 --threads 1,8,15 --rounds 3 \
+    --out "$res/host_experts_bench_${gpu}.json" \
   -- python3 experiments/host_experts_bench.py --help
 part offload-check 60 \
   python3 experiments/gpu/offload_check.py --out "$res" \
