@@ -221,9 +221,13 @@ class PredictionAware(ScoredPolicy):
     name = "predicted"
 
     def __init__(self, scorer: Callable[[int, int], float], base: EvictionPolicy | None = None,
-                 batch: Callable[[Sequence[Key]], list[float]] | None = None) -> None:
+                 batch: Callable[[Sequence[Key]], list[float]] | None = None,
+                 table: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         super().__init__(lambda key: scorer(*key), base)
         self._batch = batch  # scorer of many keys at once (same values), for pools of many slots
+        # ``table(layers [C]) -> [L, E]`` scores whose rows ``layers`` are current (same values): `score_array`
+        # gathers from it, no key tuples (a predictor's `keep_table`)
+        self._table = table
         # A bound method of a predictor that counts its observations (``version``, as RoutingPredictor does) gives
         # the same score for a key until the count moves: `score_array` then scores each key once per version.
         owner = getattr(batch if batch is not None else scorer, "__self__", None)
@@ -235,6 +239,8 @@ class PredictionAware(ScoredPolicy):
         return self._batch(candidates) if self._batch is not None else super().scores(candidates)
 
     def score_array(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        if self._table is not None:
+            return self._table(layers)[layers, experts]  # [C]
         if self._version is None:
             return super().score_array(layers, experts)
         version = self._version()
