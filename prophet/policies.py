@@ -15,6 +15,7 @@ import numpy as np
 from prophet.errors import ConfigError
 
 Key = tuple[int, int]  # (moe layer index, expert id)
+_FEW = 16  # up to this many candidates `ScoredPolicy.choose` finds the lowest scores in Python
 
 
 def keys(layers: np.ndarray, experts: np.ndarray) -> list[Key]:
@@ -188,7 +189,12 @@ class ScoredPolicy(EvictionPolicy):
 
     def choose(self, layers: np.ndarray, experts: np.ndarray) -> Key:
         scores = self.score_array(layers, experts)  # [C]
-        tied = (scores == scores.min()).nonzero()[0]
+        if len(scores) <= _FEW:  # a pool per layer: a few Python floats cost less than numpy's min and compare
+            vals = scores.tolist()
+            low = min(vals)
+            tied = [i for i, v in enumerate(vals) if v == low]
+        else:
+            tied = (scores == scores.min()).nonzero()[0]
         if len(tied) == 1:
             return int(layers[tied[0]]), int(experts[tied[0]])
         return self.base.choose(layers[tied], experts[tied])

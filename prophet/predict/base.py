@@ -166,8 +166,7 @@ class RoutingPredictor:
         if keep_layers and self._prefill_keep:
             table, kept = self._keep_state()
             for d, layer in enumerate(keep_layers):
-                table[layer] = vals[d]
-                table[layer] += vals[h + d]  # as `_keep_block` sums them
+                table[layer] = [a + b for a, b in zip(vals[d], vals[h + d])]  # as `_keep_block` sums them
                 kept[layer] = True
         base = self.layer + 1
         if self.num_experts > _SMALL_E:
@@ -218,6 +217,8 @@ class RoutingPredictor:
         ones in one `_keep_block` call however many slots ask: what choosing a victim among a pool reads."""
         self._evicting = True
         table, kept = self._keep_state()
+        if np.count_nonzero(kept[layers]) == len(layers):  # the usual case once a pool of this observation asked
+            return table
         want = np.zeros(self.num_layers, bool)
         want[layers] = True
         missing = (want & ~kept).nonzero()[0]  # [M]
