@@ -113,7 +113,13 @@ class LRU(EvictionPolicy):
     def choose(self, layers: np.ndarray, experts: np.ndarray) -> Key:
         """`victim` by the keys' stamps instead of a walk over the whole order: the oldest stamp; a key not in
         the order ranks last, and with none in it the first candidate is chosen."""
-        i = int(np.argmin(gather(self._stamp, layers, experts, np.inf)))  # the first minimum
+        if len(layers) <= _FEW:  # a pool per layer: a few scalar reads cost less than gather's array steps
+            stamp, (rows, cols) = self._stamp, self._stamp.shape
+            got = [stamp[lay, e] if lay < rows and e < cols else np.inf
+                   for lay, e in zip(layers.tolist(), experts.tolist(), strict=True)]
+            i = got.index(min(got))  # the first minimum
+        else:
+            i = int(np.argmin(gather(self._stamp, layers, experts, np.inf)))  # the first minimum
         return int(layers[i]), int(experts[i])
 
 
