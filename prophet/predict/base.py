@@ -9,7 +9,7 @@ method, `scores`: which experts to prefetch (`predict`), how likely a resident e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -112,9 +112,13 @@ class RoutingPredictor:
         self.layer = -1  # last observed layer; -1 before the first observation of a sequence
         self.tokens = 0  # tokens begun in this sequence
         self.version = 0  # bumped by every observation, to memoize derived scores
-        # keep-priorities ([L, E], two occurrences) of the version ``_keep_version``; ``_kept [L]``: rows filled
+        # keep-priorities (two occurrences) of the version ``_keep_version``, held two ways with the same values:
+        # a table ``[L, E]`` whose filled rows ``_kept [L]`` say (what a policy gathers from) and rows as lists
+        # (what `predict` fills and the list interfaces read; lists cost less than numpy at a few experts)
         self._keep_table = np.zeros((num_layers, num_experts))
         self._kept = np.zeros(num_layers, bool)
+        self._keep_lists: dict[int, list[float]] = {}
+        self._kept_any = False  # some row of ``_kept`` is set
         self._keep_version = -1
         self._plans: dict[tuple, tuple] = {}  # (layer, horizon, top, keep) -> `_plan`
         self._experts = range(num_experts)
@@ -164,10 +168,9 @@ class RoutingPredictor:
         arrays, h, n, keep_layers = plan
         vals = self._score_lists(*arrays)  # [h][E], or [2h][E] with the next occurrences
         if keep_layers and self._prefill_keep:
-            table, kept = self._keep_state()
+            lists = self._keep_state()[2]
             for d, layer in enumerate(keep_layers):
-                table[layer] = [a + b for a, b in zip(vals[d], vals[h + d])]  # as `_keep_block` sums them
-                kept[layer] = True
+                lists[layer] = [a + b for a, b in zip(vals[d], vals[h + d])]  # as `_keep_block` sums them
         base = self.layer + 1
         if self.num_experts > _SMALL_E:
             best = np.argpartition(np.array(vals[:h]), self.num_experts - n, axis=1)[:, -n:].tolist()
@@ -202,37 +205,58 @@ class RoutingPredictor:
         self._evicting = True
         if occurrences != 2:  # not what a policy asks: scored afresh, not memoized
             return float(self._sum_occurrences(np.array([layer]), occurrences)[0, expert])
-        return float(self.keep_table(np.array([layer]))[layer, expert])
+        return self._keep_rows([layer])[layer][expert]
 
     def eviction_scores(self, keys: Sequence[tuple[int, int]]) -> list[float]:
         """`eviction_score` of many ``(layer, expert)`` keys at once (the list form of `keep_table`)."""
-        if not keys:
-            return []
-        layers, experts = np.array(keys, dtype=np.int64).T  # [C] each
-        return self.keep_table(layers)[layers, experts].tolist()
+        rows = self._keep_rows({layer for layer, _ in keys})
+        return [rows[layer][expert] for layer, expert in keys]
 
     def keep_table(self, layers: np.ndarray) -> np.ndarray:
         """``[L, E]`` keep-priorities (`eviction_score`) whose rows ``layers [C]`` (repeats allowed) are those of
         the current observation; other rows may be stale. Rows are scored once per observation, the missing
         ones in one `_keep_block` call however many slots ask: what choosing a victim among a pool reads."""
         self._evicting = True
-        table, kept = self._keep_state()
-        if np.count_nonzero(kept[layers]) == len(layers):  # the usual case once a pool of this observation asked
-            return table
-        want = np.zeros(self.num_layers, bool)
-        want[layers] = True
-        missing = (want & ~kept).nonzero()[0]  # [M]
-        if missing.size:
-            table[missing] = self._keep_block(missing)
-            kept[missing] = True
+        table, kept, lists = self._keep_state()
+        if np.count_nonzero(kept[layers]) != len(layers):  # else the usual case once a pool of this observation asked
+            want = np.zeros(self.num_layers, bool)
+            want[layers] = True
+            need = (want & ~kept).nonzero()[0].tolist()
+            for layer in need:
+                if layer in lists:  # filled by `predict`
+                    table[layer] = lists[layer]
+                    kept[layer] = self._kept_any = True
+            self._fill_keep([layer for layer in need if layer not in lists])
         return table
 
-    def _keep_state(self) -> tuple[np.ndarray, np.ndarray]:
-        """The keep table and its filled-rows mask, emptied when an observation moved the version."""
+    def _keep_rows(self, layers: Iterable[int]) -> dict[int, list[float]]:
+        """The keep-priority rows ``[E]`` of ``layers`` as lists, the missing ones scored in one call."""
+        self._evicting = True
+        table, kept, lists = self._keep_state()
+        self._fill_keep(sorted(layer for layer in layers if layer not in lists and not kept[layer]))
+        for layer in layers:
+            if layer not in lists:
+                lists[layer] = table[layer].tolist()
+        return lists
+
+    def _fill_keep(self, layers: list[int]) -> None:
+        """Score the keep table's rows ``layers`` (distinct, in neither form yet) in one call."""
+        if layers:
+            missing = np.array(layers, dtype=np.int64)  # [M]
+            self._keep_table[missing] = self._keep_block(missing)
+            self._kept[missing] = True
+            self._kept_any = True
+
+    def _keep_state(self) -> tuple[np.ndarray, np.ndarray, dict[int, list[float]]]:
+        """The keep table, its filled-rows mask and the rows as lists, emptied when an observation moved the
+        version."""
         if self._keep_version != self.version:
-            self._kept[:] = False
+            if self._keep_lists or self._kept_any:  # (a numpy fill costs more than the check)
+                self._kept[:] = False
+                self._kept_any = False
+                self._keep_lists = {}
             self._keep_version = self.version
-        return self._keep_table, self._kept
+        return self._keep_table, self._kept, self._keep_lists
 
     def _keep_block(self, layers: np.ndarray) -> np.ndarray:
         """``[M, E]`` keep-priorities of ``layers [M]`` (distinct), unmemoized: uses at their next two steps."""

@@ -112,7 +112,7 @@ class ValuePredictor(RoutingPredictor):
 
     def value(self, layer: int, expert: int) -> float:
         """Expected uses of ``expert`` of ``layer`` over the next ``span`` tokens."""
-        return float(self.keep_table(np.array([layer]))[layer, expert])
+        return self._keep_rows([layer])[layer][expert]
 
     def worth_copying(self, key: tuple[int, int], victim: tuple[int, int] | None) -> bool:
         """Whether copying ``key`` in, evicting ``victim`` (None: a free slot), is expected to pay: its value

@@ -88,7 +88,7 @@ def test_batched_eviction_scores_equal_one_at_a_time(name):
             batched = pred.eviction_scores(keys)
             singles = []
             for k in keys:  # each alone, from a cleared memo: one layer per scores() call
-                pred._kept[:] = False
+                pred._keep_version = -1
                 singles.append(pred.eviction_score(*k))
             assert batched == singles
             single, batched = PredictionAware(pred.eviction_score), pred.policy_factory()()
