@@ -301,10 +301,10 @@ class ExpertCache:
                 slots = self._evictable_slots(pool, True, for_prefetch)
             return pool.policy.choose(pool.layer_of[slots], pool.expert_of[slots]) if slots.size else None
         fresh = self.step - self.store.num_layers
-        for include_loading in (False, True)[: 1 + include_loading]:
+        for loading in (False, True)[: 1 + include_loading]:
             for key in order:
                 s = pool.slot_of.get(key)
-                if s is not None and self._can_evict(pool.slots[s], include_loading, for_prefetch, fresh):
+                if s is not None and self._can_evict(pool.slots[s], loading, for_prefetch, fresh):
                     return key
         return None
 

@@ -9,7 +9,7 @@ method, `scores`: which experts to prefetch (`predict`), how likely a resident e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -229,7 +229,7 @@ class RoutingPredictor:
             self._fill_keep([layer for layer in need if layer not in lists])
         return table
 
-    def _keep_rows(self, layers: Iterable[int]) -> dict[int, list[float]]:
+    def _keep_rows(self, layers: Collection[int]) -> dict[int, list[float]]:
         """The keep-priority rows ``[E]`` of ``layers`` as lists, the missing ones scored in one call."""
         self._evicting = True
         table, kept, lists = self._keep_state()

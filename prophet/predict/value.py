@@ -105,10 +105,7 @@ class ValuePredictor(RoutingPredictor):
     def _keep_block(self, layers: np.ndarray) -> np.ndarray:
         """The value ``[M, E]`` of each of ``layers [M]`` (what `eviction_score` and `keep_table` read): near
         uses at the layer's next two steps plus the rates of the ``span - 2`` tokens after."""
-        L = self.num_layers
-        first = (layers - self.layer - 1) % L + 1  # [M] steps to each layer's next step
-        near = self.scores(np.concatenate([first, first + L])).reshape(2, len(layers), -1).sum(axis=0)  # [M, E]
-        return near + (self.span - 2.0) * self.rates()[layers]
+        return super()._keep_block(layers) + (self.span - 2.0) * self.rates()[layers]
 
     def value(self, layer: int, expert: int) -> float:
         """Expected uses of ``expert`` of ``layer`` over the next ``span`` tokens."""
