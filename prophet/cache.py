@@ -220,9 +220,12 @@ class ExpertCache:
         key = (layer, expert)
         if key in pool.slot_of:
             return False
-        if not pool.free and not self._evictable_slots(pool, False, True).size:
-            return False
-        self._load(pool, key, prefetch=True)
+        victim = None
+        if not pool.free:  # chosen once, here: a prefetch never waits for a copy in flight to free its slot
+            victim = self._victim(pool, for_prefetch=True, include_loading=False)
+            if victim is None:
+                return False
+        self._load(pool, key, prefetch=True, victim=victim)
         self.stats[layer].prefetches += 1
         return True
 
@@ -315,28 +318,30 @@ class ExpertCache:
             return False
         return slot.load is None or include_loading or self.engine.done(slot.load)
 
-    def _victim(self, pool: SlotPool, for_prefetch: bool) -> Key | None:
-        """The key to evict, or None when every slot is pinned. A policy with a total order (LRU, FIFO) is walked
-        from its oldest key to the first evictable one, the same choice as ranking every evictable key, without
-        scanning the whole pool."""
+    def _victim(self, pool: SlotPool, for_prefetch: bool, include_loading: bool = True) -> Key | None:
+        """The key to evict, or None when every slot is pinned: a slot whose copy is done if any, else (when
+        ``include_loading``) one still loading. A policy with a total order (LRU, FIFO) is walked from its oldest
+        key to the first evictable one, the same choice as ranking every evictable key, without scanning the
+        whole pool."""
         order = pool.policy.order()
         if order is None:
             slots = self._evictable_slots(pool, False, for_prefetch)
-            if not slots.size:
+            if not slots.size and include_loading:
                 slots = self._evictable_slots(pool, True, for_prefetch)
             return pool.policy.choose(pool.layer_of[slots], pool.expert_of[slots]) if slots.size else None
         fresh = self.step - self.store.num_layers
-        for include_loading in (False, True):
+        for loading in (False, True)[: 1 + include_loading]:
             for key in order:
                 s = pool.slot_of.get(key)
-                if s is not None and self._can_evict(pool.slots[s], include_loading, for_prefetch, fresh):
+                if s is not None and self._can_evict(pool.slots[s], loading, for_prefetch, fresh):
                     return key
         return None
 
-    def _take_slot(self, pool: SlotPool, for_prefetch: bool) -> int:
+    def _take_slot(self, pool: SlotPool, for_prefetch: bool, victim: Key | None = None) -> int:
+        """A free slot, else ``victim``'s (chosen by the caller) or the `_victim`'s, emptied."""
         if pool.free:
             return pool.free.pop()
-        victim = self._victim(pool, for_prefetch)
+        victim = victim if victim is not None else self._victim(pool, for_prefetch)
         if victim is None:
             raise CapacityError(
                 f"all {pool.num_slots} slots are pinned by the current step; raise cache_slots/slots_per_layer"
@@ -353,8 +358,8 @@ class ExpertCache:
         pool.put(s, _Slot())
         return s
 
-    def _load(self, pool: SlotPool, key: Key, prefetch: bool) -> int:
-        s = self._take_slot(pool, for_prefetch=prefetch)
+    def _load(self, pool: SlotPool, key: Key, prefetch: bool, victim: Key | None = None) -> int:
+        s = self._take_slot(pool, prefetch, victim)
         try:
             load = self.engine.copy(pool.data[s], self.store.slab(*key), s)
         except BaseException:

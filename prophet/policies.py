@@ -15,6 +15,7 @@ import numpy as np
 from prophet.errors import ConfigError
 
 Key = tuple[int, int]  # (moe layer index, expert id)
+_FEW = 16  # up to this many candidates `ScoredPolicy.choose` finds the lowest scores in Python
 
 
 def keys(layers: np.ndarray, experts: np.ndarray) -> list[Key]:
@@ -112,7 +113,13 @@ class LRU(EvictionPolicy):
     def choose(self, layers: np.ndarray, experts: np.ndarray) -> Key:
         """`victim` by the keys' stamps instead of a walk over the whole order: the oldest stamp; a key not in
         the order ranks last, and with none in it the first candidate is chosen."""
-        i = int(np.argmin(gather(self._stamp, layers, experts, np.inf)))  # the first minimum
+        if len(layers) <= _FEW:  # a pool per layer: a few scalar reads cost less than gather's array steps
+            stamp, (rows, cols) = self._stamp, self._stamp.shape
+            got = [stamp[lay, e] if lay < rows and e < cols else np.inf
+                   for lay, e in zip(layers.tolist(), experts.tolist(), strict=True)]
+            i = got.index(min(got))  # the first minimum
+        else:
+            i = int(np.argmin(gather(self._stamp, layers, experts, np.inf)))  # the first minimum
         return int(layers[i]), int(experts[i])
 
 
@@ -188,7 +195,12 @@ class ScoredPolicy(EvictionPolicy):
 
     def choose(self, layers: np.ndarray, experts: np.ndarray) -> Key:
         scores = self.score_array(layers, experts)  # [C]
-        tied = (scores == scores.min()).nonzero()[0]
+        if len(scores) <= _FEW:  # a pool per layer: a few Python floats cost less than numpy's min and compare
+            vals = scores.tolist()
+            low = min(vals)
+            tied = [i for i, v in enumerate(vals) if v == low]
+        else:
+            tied = (scores == scores.min()).nonzero()[0]
         if len(tied) == 1:
             return int(layers[tied[0]]), int(experts[tied[0]])
         return self.base.choose(layers[tied], experts[tied])
@@ -221,9 +233,13 @@ class PredictionAware(ScoredPolicy):
     name = "predicted"
 
     def __init__(self, scorer: Callable[[int, int], float], base: EvictionPolicy | None = None,
-                 batch: Callable[[Sequence[Key]], list[float]] | None = None) -> None:
+                 batch: Callable[[Sequence[Key]], list[float]] | None = None,
+                 table: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         super().__init__(lambda key: scorer(*key), base)
         self._batch = batch  # scorer of many keys at once (same values), for pools of many slots
+        # ``table(layers [C]) -> [L, E]`` scores whose rows ``layers`` are current (same values): `score_array`
+        # gathers from it, no key tuples (a predictor's `keep_table`)
+        self._table = table
         # A bound method of a predictor that counts its observations (``version``, as RoutingPredictor does) gives
         # the same score for a key until the count moves: `score_array` then scores each key once per version.
         owner = getattr(batch if batch is not None else scorer, "__self__", None)
@@ -235,6 +251,8 @@ class PredictionAware(ScoredPolicy):
         return self._batch(candidates) if self._batch is not None else super().scores(candidates)
 
     def score_array(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        if self._table is not None:
+            return self._table(layers)[layers, experts]  # [C]
         if self._version is None:
             return super().score_array(layers, experts)
         version = self._version()

@@ -51,17 +51,18 @@ def _check_candidates(cache: ExpertCache) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("kind", ["lru", "fifo", "lfu", "scored", "predicted"])
+@pytest.mark.parametrize("kind", ["lru", "fifo", "lfu", "scored", "predicted", "predicted-table"])
 def test_array_candidates_and_victims_equal_the_plain_lists(seed, kind):
     rng = np.random.default_rng(seed)
     counter = _Counter(rng)
     fixed = rng.integers(0, 2, (L, E)).astype(float)
     factories = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "scored": lambda: ScoredPolicy(lambda k: fixed[k]),
-                 "predicted": lambda: PredictionAware(counter.eviction_score, batch=counter.eviction_scores)}
+                 "predicted": lambda: PredictionAware(counter.eviction_score, batch=counter.eviction_scores),
+                 "predicted-table": lambda: PredictionAware(counter.eviction_score, table=lambda layers: counter.table)}
     store = HostStore(L, E, ExpertFormat(hidden_size=1, intermediate_size=1), torch.float32, pin=False)
     engine = SimCopyEngine(get_profile("h100-sxm"), 1 << 26)  # copies stay in flight for a while
-    shared = seed % 2 == 0
-    cache = ExpertCache(store, torch.device("cpu"), engine, factories[kind], cache_slots=7 if shared else None,
+    shared = seed % 2 == 0  # seed 2: up to 17 candidates, more than the few `ScoredPolicy.choose` ranks in Python
+    cache = ExpertCache(store, torch.device("cpu"), engine, factories[kind], cache_slots=(7, 17)[seed // 2] if shared else None,
                         slots_per_layer=None if shared else 3)
     for _ in range(60):
         layer = int(rng.integers(L))

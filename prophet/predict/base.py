@@ -9,7 +9,7 @@ method, `scores`: which experts to prefetch (`predict`), how likely a resident e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -100,6 +100,8 @@ class RoutingPredictor:
     """
 
     name = "base"
+    # `predict` may fill keep-priorities from its own scores (False where `_keep_block` is not their sum)
+    _prefill_keep = True
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, horizon: int = 1, top: int | None = None) -> None:
         self.num_layers = num_layers
@@ -110,7 +112,14 @@ class RoutingPredictor:
         self.layer = -1  # last observed layer; -1 before the first observation of a sequence
         self.tokens = 0  # tokens begun in this sequence
         self.version = 0  # bumped by every observation, to memoize derived scores
-        self._evict_memo: tuple[int, dict] = (-1, {})  # version -> {(layer, occurrences): [E] scores}
+        # keep-priorities (two occurrences) of the version ``_keep_version``, held two ways with the same values:
+        # a table ``[L, E]`` whose filled rows ``_kept [L]`` say (what a policy gathers from) and rows as lists
+        # (what `predict` fills and the list interfaces read; lists cost less than numpy at a few experts)
+        self._keep_table = np.zeros((num_layers, num_experts))
+        self._kept = np.zeros(num_layers, bool)
+        self._keep_lists: dict[int, list[float]] = {}
+        self._kept_any = False  # some row of ``_kept`` is set
+        self._keep_version = -1
         self._plans: dict[tuple, tuple] = {}  # (layer, horizon, top, keep) -> `_plan`
         self._experts = range(num_experts)
         self._evicting = False  # eviction scores were asked for: `predict` scores the next occurrences too
@@ -158,10 +167,10 @@ class RoutingPredictor:
             plan = self._plans[self.layer, horizon, top, keep] = self._plan(horizon, top, keep)
         arrays, h, n, keep_layers = plan
         vals = self._score_lists(*arrays)  # [h][E], or [2h][E] with the next occurrences
-        if keep_layers:
-            memo = self._memo()
+        if keep_layers and self._prefill_keep:
+            lists = self._keep_state()[2]
             for d, layer in enumerate(keep_layers):
-                memo[layer, 2] = [a + b for a, b in zip(vals[d], vals[h + d])]  # as _keep_rows sums them
+                lists[layer] = [a + b for a, b in zip(vals[d], vals[h + d])]  # as `_keep_block` sums them
         base = self.layer + 1
         if self.num_experts > _SMALL_E:
             best = np.argpartition(np.array(vals[:h]), self.num_experts - n, axis=1)[:, -n:].tolist()
@@ -194,44 +203,76 @@ class RoutingPredictor:
         second occurrence (one token later) is counted too.
         """
         self._evicting = True
-        return self._keep(layer, occurrences)[expert]
+        if occurrences != 2:  # not what a policy asks: scored afresh, not memoized
+            return float(self._sum_occurrences(np.array([layer]), occurrences)[0, expert])
+        return self._keep_rows([layer])[layer][expert]
 
     def eviction_scores(self, keys: Sequence[tuple[int, int]]) -> list[float]:
-        """`eviction_score` of many ``(layer, expert)`` keys at once: what choosing a victim among a pool's
-        slots asks, without a call per slot."""
-        self._evicting = True
-        rows = self._keep_rows(sorted({layer for layer, _ in keys}), 2)
+        """`eviction_score` of many ``(layer, expert)`` keys at once (the list form of `keep_table`)."""
+        rows = self._keep_rows({layer for layer, _ in keys})
         return [rows[layer][expert] for layer, expert in keys]
 
-    def _keep(self, layer: int, occurrences: int) -> list[float]:
-        return self._keep_rows([layer], occurrences)[layer]
+    def keep_table(self, layers: np.ndarray) -> np.ndarray:
+        """``[L, E]`` keep-priorities (`eviction_score`) whose rows ``layers [C]`` (repeats allowed) are those of
+        the current observation; other rows may be stale. Rows are scored once per observation, the missing
+        ones in one `_keep_block` call however many slots ask: what choosing a victim among a pool reads."""
+        self._evicting = True
+        table, kept, lists = self._keep_state()
+        if np.count_nonzero(kept[layers]) != len(layers):  # else the usual case once a pool of this observation asked
+            want = np.zeros(self.num_layers, bool)
+            want[layers] = True
+            need = (want & ~kept).nonzero()[0].tolist()
+            for layer in need:
+                if layer in lists:  # filled by `predict`
+                    table[layer] = lists[layer]
+                    kept[layer] = self._kept_any = True
+            self._fill_keep([layer for layer in need if layer not in lists])
+        return table
 
-    def _keep_rows(self, layers: list[int], occurrences: int) -> dict[int, list[float]]:
-        """Keep-priorities ``[E]`` of each of ``layers``, memoized until the next observation; the layers not yet
-        known are scored in one scores() call, however many slots ask."""
-        memo = self._memo()
-        missing = [layer for layer in layers if (layer, occurrences) not in memo]
-        if missing:
-            first = (np.asarray(missing) - self.layer - 1) % self.num_layers + 1  # [M]
-            dist = (first[:, None] + self.num_layers * np.arange(occurrences)).ravel()  # [M * occurrences]
-            keep = self.scores(dist).reshape(len(missing), occurrences, -1).sum(axis=1)  # [M, E]
-            for layer, row in zip(missing, keep.tolist(), strict=True):
-                memo[layer, occurrences] = row
-        return {layer: memo[layer, occurrences] for layer in layers}
+    def _keep_rows(self, layers: Collection[int]) -> dict[int, list[float]]:
+        """The keep-priority rows ``[E]`` of ``layers`` as lists, the missing ones scored in one call."""
+        self._evicting = True
+        table, kept, lists = self._keep_state()
+        self._fill_keep(sorted(layer for layer in layers if layer not in lists and not kept[layer]))
+        for layer in layers:
+            if layer not in lists:
+                lists[layer] = table[layer].tolist()
+        return lists
 
-    def _memo(self) -> dict[tuple[int, int], list[float]]:
-        """``(layer, occurrences) -> [E]`` keep-priorities of the current version (emptied by each observation)."""
-        version, memo = self._evict_memo
-        if version != self.version:
-            memo = {}
-            self._evict_memo = (self.version, memo)
-        return memo
+    def _fill_keep(self, layers: list[int]) -> None:
+        """Score the keep table's rows ``layers`` (distinct, in neither form yet) in one call."""
+        if layers:
+            missing = np.array(layers, dtype=np.int64)  # [M]
+            self._keep_table[missing] = self._keep_block(missing)
+            self._kept[missing] = True
+            self._kept_any = True
+
+    def _keep_state(self) -> tuple[np.ndarray, np.ndarray, dict[int, list[float]]]:
+        """The keep table, its filled-rows mask and the rows as lists, emptied when an observation moved the
+        version."""
+        if self._keep_version != self.version:
+            if self._keep_lists or self._kept_any:  # (a numpy fill costs more than the check)
+                self._kept[:] = False
+                self._kept_any = False
+                self._keep_lists = {}
+            self._keep_version = self.version
+        return self._keep_table, self._kept, self._keep_lists
+
+    def _keep_block(self, layers: np.ndarray) -> np.ndarray:
+        """``[M, E]`` keep-priorities of ``layers [M]`` (distinct), unmemoized: uses at their next two steps."""
+        return self._sum_occurrences(layers, 2)
+
+    def _sum_occurrences(self, layers: np.ndarray, occurrences: int) -> np.ndarray:
+        """``[M, E]`` expected uses at the next ``occurrences`` steps of each of ``layers [M]``, one scores() call."""
+        first = (layers - self.layer - 1) % self.num_layers + 1  # [M]
+        dist = (first[:, None] + self.num_layers * np.arange(occurrences)).ravel()  # [M * occurrences]
+        return self.scores(dist).reshape(len(layers), occurrences, -1).sum(axis=1)
 
     def policy_factory(self, base: Callable[[], EvictionPolicy] | None = None) -> Callable[[], PredictionAware]:
         """Prediction-aware eviction reading this predictor, as the ``policy`` factory `ExpertCache` takes
         (the runtime must feed this same predictor); ties go to a policy from ``base`` (LRU by default)."""
         return lambda: PredictionAware(self.eviction_score, base() if base is not None else None,
-                                       batch=self.eviction_scores)
+                                       batch=self.eviction_scores, table=self.keep_table)
 
     # ---- for subclasses --------------------------------------------------------------------------------------
     def _new_token(self, batch: int) -> None:

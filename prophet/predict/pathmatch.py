@@ -360,6 +360,8 @@ class PathMatchPredictor(PathMatchReference):
     def _scores(self, distances: np.ndarray, shifts: np.ndarray, layers: np.ndarray) -> np.ndarray:
         if self.sim.shape[0] != 1 or not self.sim.shape[1]:
             return super()._scores(distances, shifts, layers)
+        if self._kernel_ready():
+            return self._kernel.score_array(self.layer, distances, self.version)
         return np.array(self._score_lists(distances, shifts, layers))
 
     def _kernel_ready(self) -> bool:

@@ -151,6 +151,14 @@ class PathMatchKernel:
 
     def scores(self, layer: int, distances: np.ndarray, version: int) -> list[list[float]]:
         """``[D][E]`` scores at ``distances`` from ``layer`` (the predictor's `_score_lists`)."""
+        return self._run(layer, distances, version).tolist()
+
+    def score_array(self, layer: int, distances: np.ndarray, version: int) -> np.ndarray:
+        """`scores` as a fresh ``[D, E]`` array (the predictor's `_scores`: no round trip through lists)."""
+        return self._run(layer, distances, version).copy()
+
+    def _run(self, layer: int, distances: np.ndarray, version: int) -> np.ndarray:
+        """Score ``distances`` into the out buffer; its ``[D, E]`` view (overwritten by the next call)."""
         if self.picked != version:
             self.pick(version)
         look = self.dists.get(id(distances))
@@ -163,7 +171,7 @@ class PathMatchKernel:
             look = self.dists[id(distances)] = (distances, copy, ctypes.c_void_p(copy.ctypes.data), d,
                                                 self.out[:d])
         self.scores_call(self.p_addr, self.f_addr, layer, look[3], look[2])
-        return look[4].tolist()
+        return look[4]
 
     def store(self, p: PathMatchReference) -> None:
         """Write the finished token's column as memory row ``p.size`` (``p`` made room) and link it."""

@@ -43,6 +43,7 @@ class ValuePredictor(RoutingPredictor):
     """
 
     name = "value"
+    _prefill_keep = False  # its keep-priority is a value, not the near scores' sum
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, near: RoutingPredictor | None = None,
                  span: float = 16.0, decay: float = 0.95, prior: float = 4.0, margin: float = 0.0,
@@ -109,26 +110,14 @@ class ValuePredictor(RoutingPredictor):
         """``[L, E]`` expected uses per token from this sequence's recency-weighted counts and the prior."""
         return (self.counts + self.prior * self.base) / (self.weight + self.prior)[:, None]
 
-    def _keep_rows(self, layers: list[int], occurrences: int) -> dict[int, list[float]]:
-        """The value ``[E]`` of each of ``layers`` (what `eviction_score` and `eviction_scores` read), memoized
-        until the next observation; ``occurrences`` is not used: a value always spans ``span`` tokens."""
-        version, memo = self._evict_memo
-        if version != self.version:
-            memo = {}
-            self._evict_memo = (self.version, memo)
-        missing = [layer for layer in layers if layer not in memo]
-        if missing:
-            L = self.num_layers
-            first = (np.asarray(missing) - self.layer - 1) % L + 1  # [M] steps to each layer's next step
-            near = self.scores(np.concatenate([first, first + L])).reshape(2, len(missing), -1).sum(axis=0)  # [M, E]
-            value = near + (self.span - 2.0) * self.rates()[missing]
-            for layer, row in zip(missing, value.tolist(), strict=True):
-                memo[layer] = row
-        return {layer: memo[layer] for layer in layers}
+    def _keep_block(self, layers: np.ndarray) -> np.ndarray:
+        """The value ``[M, E]`` of each of ``layers [M]`` (what `eviction_score` and `keep_table` read): near
+        uses at the layer's next two steps plus the rates of the ``span - 2`` tokens after."""
+        return super()._keep_block(layers) + (self.span - 2.0) * self.rates()[layers]
 
     def value(self, layer: int, expert: int) -> float:
         """Expected uses of ``expert`` of ``layer`` over the next ``span`` tokens."""
-        return self._keep_rows([layer], 2)[layer][expert]
+        return self._keep_rows([layer])[layer][expert]
 
     def worth_copying(self, key: tuple[int, int], victim: tuple[int, int] | None) -> bool:
         """Whether copying ``key`` in, evicting ``victim`` (None: a free slot), is expected to pay: its value

@@ -88,7 +88,7 @@ def test_batched_eviction_scores_equal_one_at_a_time(name):
             batched = pred.eviction_scores(keys)
             singles = []
             for k in keys:  # each alone, from a cleared memo: one layer per scores() call
-                pred._evict_memo = (None, {})
+                pred._keep_version = -1
                 singles.append(pred.eviction_score(*k))
             assert batched == singles
             single, batched = PredictionAware(pred.eviction_score), pred.policy_factory()()
@@ -97,3 +97,33 @@ def test_batched_eviction_scores_equal_one_at_a_time(name):
                 single.insert(k)
                 batched.insert(k)
             assert single.victim(distinct) == batched.victim(distinct)
+
+
+@pytest.mark.parametrize("name", ["cooccurrence", "pathmatch", "pathmatch-numpy", "value"])
+def test_keep_table_equals_fresh_scores(name):
+    """`keep_table` (what the prediction-aware policy gathers from) equals each layer's two next occurrences
+    scored afresh, whatever `predict` prefilled and whichever rows earlier calls asked for (random order)."""
+    from prophet.predict import pathmatch, statistical, value
+
+    L, E = 3, 8
+    make = {"cooccurrence": lambda: statistical.CoOccurrencePredictor(L, E, 2),
+            "pathmatch": lambda: pathmatch.PathMatchPredictor(L, E, 2),
+            "pathmatch-numpy": lambda: pathmatch.PathMatchPredictor(L, E, 2, native=False),
+            "value": lambda: value.ValuePredictor(L, E, 2)}[name]
+    pred = make().fit([skewed_trace(5)])
+    tr = skewed_trace(6)  # replayed on another trace than the fit
+    policy = pred.policy_factory()()
+    rng = np.random.default_rng(1)
+    for t in range(5):
+        for layer in range(L):
+            pred.observe(layer, tr.experts[t, layer][None], tr.weights[t, layer][None])
+            pred.predict(horizon=int(rng.integers(1, L + 1)))
+            layers = rng.integers(0, L, int(rng.integers(1, 12)))
+            experts = rng.integers(0, E, len(layers))
+            got = policy.score_array(layers, experts)  # [C]
+            first = (np.arange(L) - layer - 1) % L + 1
+            ref = pred.scores(np.concatenate([first, first + L])).reshape(2, L, E).sum(axis=0)  # [L, E]
+            if name == "value":
+                ref = ref + (pred.span - 2.0) * pred.rates()
+            np.testing.assert_array_equal(got, ref[layers, experts])
+            assert pred.eviction_scores(list(zip(layers.tolist(), experts.tolist()))) == got.tolist()
