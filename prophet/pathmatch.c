@@ -27,7 +27,8 @@
 
 typedef long i64;
 
-enum { MEM, NL, NE, CAP, M, SIM, SUCC, PRED, TOP, W, N, FOUND, PRIOR_VOTES, OUT, IDS, DIST, TOK, USES, STEPS, FREQ };
+enum { MEM, NL, NE, CAP, M, SIM, SUCC, PRED, TOP, W, N, FOUND, PRIOR_VOTES, OUT, IDS, DIST, TOK, USES, STEPS, FREQ,
+       ROWIDS, K1 };
 
 /* The neighbour set in slot order is kept as a small min-heap on (sim, row): the root is the worst kept. */
 static int worse(float a, i64 ra, float b, i64 rb) { return a < b || (a == b && ra < rb); }
@@ -128,6 +129,8 @@ void prophet_pm_scores(const i64 *P, const double *F, int layer, int D, const i6
     const double *prior_votes = (const double *)P[PRIOR_VOTES];
     double *out = (double *)P[OUT];
     const float prior = (float)F[2];
+    const short *rowids = (const short *)P[ROWIDS];
+    const i64 k1 = P[K1];
     float votes[1025];
     i64 rows[256];
     for (int d = 0; d < D; d++) {
@@ -137,13 +140,23 @@ void prophet_pm_scores(const i64 *P, const double *F, int layer, int D, const i6
             for (i64 s = 0; s < shift && r >= 0; s++) r = succ[r];
             rows[i] = r;
         }
-        const float *col = mem + j * (E + 1) * cap;
-        for (i64 e = 0; e <= E; e++) {
-            const float *row = col + e * cap;
-            float v = 0.0f;
-            for (i64 i = 0; i < n; i++)
-                if (rows[i] >= 0) v += row[rows[i]] * w[i];
-            votes[e] = v;
+        if (rowids) {  /* the same adds in the same neighbour order, less the zeros: bit for bit the dense sums */
+            const short *tab = rowids + j * cap * k1;
+            for (i64 e = 0; e <= E; e++) votes[e] = 0.0f;
+            for (i64 i = 0; i < n; i++) {
+                if (rows[i] < 0) continue;
+                const short *ids = tab + rows[i] * k1;
+                for (i64 q = 0; q < k1 && ids[q] >= 0; q++) votes[ids[q]] += w[i];
+            }
+        } else {
+            const float *col = mem + j * (E + 1) * cap;
+            for (i64 e = 0; e <= E; e++) {
+                const float *row = col + e * cap;
+                float v = 0.0f;
+                for (i64 i = 0; i < n; i++)
+                    if (rows[i] >= 0) v += row[rows[i]] * w[i];
+                votes[e] = v;
+            }
         }
         const float total = votes[E] + prior;
         for (i64 e = 0; e < E; e++) out[d * E + e] = ((double)votes[e] + prior_votes[j * E + e]) / (double)total;
@@ -164,15 +177,30 @@ void prophet_pm_carry(const i64 *P, const double *F, const float *old, int old_m
 
 /* Store the finished token's column as memory row m (the caller made room): its uses, the link from the
    previous token of the sequence (last >= 0), and the layers' frequencies and prior votes recomputed as
-   `PathMatchReference._append` computes them; the column is cleared for the next token. */
-void prophet_pm_store(const i64 *P, const double *F, int last) {
+   `PathMatchReference._append` computes them, and its sparse ids (P[ROWIDS]) where kept; the column is cleared
+   for the next token. Returns 1 when a layer has more than K1 entries or one not 0/1 (the sparse view is then
+   incomplete: the caller turns it off). */
+int prophet_pm_store(const i64 *P, const double *F, int last) {
     const i64 L = P[NL], E = P[NE], cap = P[CAP], a = P[M];
     float *mem = (float *)P[MEM], *tok = (float *)P[TOK];
     double *uses = (double *)P[USES], *steps = (double *)P[STEPS], *freq = (double *)P[FREQ];
     double *prior_votes = (double *)P[PRIOR_VOTES];
+    short *rowids = (short *)P[ROWIDS];
+    const i64 k1 = P[K1];
+    int lost = 0;
     for (i64 l = 0; l < L; l++) {
         float *t = tok + l * (E + 1);
         for (i64 e = 0; e <= E; e++) mem[(l * (E + 1) + e) * cap + a] = t[e];
+        if (rowids) {
+            short *ids = rowids + (l * cap + a) * k1;
+            i64 q = 0;
+            for (i64 e = 0; e <= E; e++) {
+                if (t[e] == 0.0f) continue;
+                if (t[e] != 1.0f || q == k1) lost = 1;
+                else ids[q++] = (short)e;
+            }
+            for (; q < k1; q++) ids[q] = -1;
+        }
         for (i64 e = 0; e < E; e++) uses[l * E + e] += t[e];
         steps[l] += t[E];
         for (i64 e = 0; e < E; e++) {
@@ -185,4 +213,5 @@ void prophet_pm_store(const i64 *P, const double *F, int last) {
         ((i64 *)P[SUCC])[last] = a;
         ((i64 *)P[PRED])[a] = last;
     }
+    return lost;
 }

@@ -244,7 +244,9 @@ class PathMatchPredictor(PathMatchReference):
     Where a C compiler is found (`prophet.native`, off with ``PROPHET_NATIVE=0``) the batch-1 paths are
     `prophet/pathmatch.c` instead: one call observes and picks the neighbours, one scores every distance, one
     carries the similarities into a new token. Its similarities and neighbours are the numpy paths'; its votes
-    differ in the last float32 bits (summation order), which tests bound.
+    differ in the last float32 bits (summation order), which tests bound. The kernel's votes read ``row_ids``,
+    each memory row's few entries per layer, instead of the dense ``E + 1`` rows (at 128-256 experts most of a
+    step's time): the same float32 adds in the same order, less the zeros, so the same votes bit for bit.
     """
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, native: bool = True, **kw: Any) -> None:
@@ -254,6 +256,11 @@ class PathMatchPredictor(PathMatchReference):
         self._near: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, rows [n], weights [n])
         self._groups: dict[bytes, tuple] = {}  # distances (as shifts and layers) -> `_group`
         self._priors: tuple[Any, list[list[float]]] = (None, [])  # (prior_votes, the same as lists)
+        # [L, capacity, top_k + 1] int16: memory row r's experts at layer l, then E where it may vote (ascending,
+        # -1 padded): mem[l, :, r]'s nonzero rows, kept wherever mem is written. None once a row does not fit
+        # (more entries, or one not 0/1): the kernel then reads mem.
+        self.row_ids: np.ndarray | None = (np.full((num_layers, self.mem.shape[2], top_k + 1), -1, np.int16)
+                                           if num_experts < 2**15 - 1 else None)
         self._attach()
 
     def _attach(self) -> None:
@@ -297,11 +304,33 @@ class PathMatchPredictor(PathMatchReference):
         if need >= self.mem.shape[2] and self._kernel is not None:
             self._kernel.bound = None
         super()._grow(need)
+        ids = self.row_ids
+        if ids is not None and ids.shape[1] < self.mem.shape[2]:
+            extra = np.full((ids.shape[0], self.mem.shape[2] - ids.shape[1], ids.shape[2]), -1, np.int16)
+            self.row_ids = np.concatenate([ids, extra], axis=1)
 
     def _append(self, hot: np.ndarray, valid: np.ndarray, seq_starts: np.ndarray) -> None:
+        a = self.size
         super()._append(hot, valid, seq_starts)
+        self._index_rows(a, self.size)
         if self._kernel is not None:
             self._kernel.bound = None
+
+    def _index_rows(self, a: int, b: int) -> None:
+        """``row_ids[:, a:b]`` from ``mem[:, :, a:b]`` (off, None, when a row has more than ``top_k + 1`` entries
+        or one that is not 0/1: weighted rows keep the dense votes)."""
+        ids = self.row_ids
+        if ids is None or b <= a:
+            return
+        for layer in range(self.num_layers):
+            block = self.mem[layer, :, a:b].T  # [n, E+1]
+            tok, entry = np.nonzero(block)  # token-major, entries ascending
+            counts = np.bincount(tok, minlength=b - a)  # [n]
+            if len(tok) and (counts.max() > ids.shape[2] or not (block[tok, entry] == 1.0).all()):
+                self.row_ids = None
+                return
+            ids[layer, a:b] = -1
+            ids[layer, a + tok, np.arange(len(tok)) - np.repeat(np.cumsum(counts) - counts, counts)] = entry
 
     def _new_token(self, batch: int) -> None:
         if self._kernel is None or batch != 1:
@@ -351,7 +380,12 @@ class PathMatchPredictor(PathMatchReference):
         return top, w
 
     def _forget(self, count: int) -> None:
+        a, b, size = self.fitted, self.fitted + count, self.size
         super()._forget(count)
+        ids = self.row_ids
+        if ids is not None:  # the rows move as mem's do
+            ids[:, a : size - count] = ids[:, b:size]
+            ids[:, size - count : size] = -1
         self._near = None
         if self._kernel is not None:
             self._kernel.bound = None

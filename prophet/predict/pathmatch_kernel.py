@@ -18,13 +18,13 @@ from prophet import native
 from prophet.errors import ConfigError
 
 if TYPE_CHECKING:
-    from prophet.predict.pathmatch import PathMatchReference
+    from prophet.predict.pathmatch import PathMatchPredictor
 
 # The kernel's fixed buffers: at most this many neighbours and experts per layer.
 MAX_NEIGHBOURS, MAX_EXPERTS = 256, 1024
 # Slots of the parameter block (prophet/pathmatch.c states what each holds).
 (_MEM, _L, _E, _CAP, _M, _SIM, _SUCC, _PRED, _TOP, _W, _N, _FOUND, _PRIOR_VOTES, _OUT, _IDS, _DIST, _TOK, _USES,
- _STEPS, _FREQ) = range(20)
+ _STEPS, _FREQ, _ROWIDS, _K1) = range(22)
 
 
 def library() -> ctypes.CDLL | None:
@@ -34,18 +34,18 @@ def library() -> ctypes.CDLL | None:
     ready `ctypes.c_void_p` objects and small numbers as Python ints, which ctypes passes as C ints."""
     lib = native.library("pathmatch")
     if lib is not None:
-        for f in (lib.prophet_pm_scores, lib.prophet_pm_carry, lib.prophet_pm_store):
-            f.restype = None  # prophet_pm_observe returns a C int: 1 for an id that is not an expert
+        for f in (lib.prophet_pm_scores, lib.prophet_pm_carry):
+            f.restype = None  # observe returns a C int (1: an id is not an expert), store too (1: sparse view lost)
     return lib
 
 
 class PathMatchKernel:
     """The kernel's buffers and calls for one predictor ``p`` (made by `for_predictor`)."""
 
-    def __init__(self, lib: ctypes.CDLL, p: PathMatchReference) -> None:
+    def __init__(self, lib: ctypes.CDLL, p: PathMatchPredictor) -> None:
         L, E = p.num_layers, p.num_experts
         self.lib = lib
-        self.params = np.zeros(20, np.int64)  # the parameter block
+        self.params = np.zeros(22, np.int64)  # the parameter block
         self.floats = np.array([p.decay, p.power, p.prior, p.carry], np.float64)
         self.top = np.zeros(max(1, p.neighbours), np.int64)  # [n] neighbour rows, written by the kernel
         self.w = np.zeros(max(1, p.neighbours), np.float32)  # [n] their weights
@@ -69,7 +69,7 @@ class PathMatchKernel:
         self.room(2 * L)
 
     @staticmethod
-    def for_predictor(p: PathMatchReference) -> PathMatchKernel | None:
+    def for_predictor(p: PathMatchPredictor) -> PathMatchKernel | None:
         """The kernel for ``p``, or None when it is off, cannot be built, or ``p`` exceeds its buffers."""
         if p.neighbours > MAX_NEIGHBOURS or p.num_experts > MAX_EXPERTS:
             return None
@@ -84,16 +84,20 @@ class PathMatchKernel:
             self.params[_OUT] = self.out.ctypes.data
             self.dists.clear()  # their views of the old buffer
 
-    def bind(self, p: PathMatchReference) -> None:
-        """Point the block at ``p``'s memory, links and frequencies (after any was replaced or resized)."""
+    def bind(self, p: PathMatchPredictor) -> None:
+        """Point the block at ``p``'s memory, links and frequencies (after any was replaced or resized), and at
+        its sparse row ids while it keeps them (else 0: the scores read the dense memory)."""
         arrays = (p.mem, p.succ, p.pred, p.prior_votes, p.uses, p.steps, p.freq)
         for slot, arr in zip((_MEM, _SUCC, _PRED, _PRIOR_VOTES, _USES, _STEPS, _FREQ), arrays, strict=True):
             assert arr.flags.c_contiguous
             self.params[slot] = arr.ctypes.data
+        ids = p.row_ids
+        assert ids is None or (ids.flags.c_contiguous and ids.shape[1] == p.mem.shape[2])
+        self.params[_ROWIDS], self.params[_K1] = (0, 0) if ids is None else (ids.ctypes.data, ids.shape[2])
         self.params[_CAP] = p.mem.shape[2]
-        self.bound = arrays  # held, so no bound address is freed while the kernel may read it
+        self.bound = (*arrays, ids)  # held, so no bound address is freed while the kernel may read it
 
-    def _place(self, p: PathMatchReference, half: int) -> np.ndarray:
+    def _place(self, p: PathMatchPredictor, half: int) -> np.ndarray:
         """Make simbuf[half, :size] ``p``'s similarity vector (not filled here)."""
         if self.simbuf.shape[1] < p.mem.shape[2]:
             self.simbuf = np.zeros((2, p.mem.shape[2]), np.float32)
@@ -104,7 +108,7 @@ class PathMatchKernel:
         self.params[_SIM], self.params[_M] = self.sim_addr[half], p.size
         return self.view
 
-    def ready(self, p: PathMatchReference) -> bool:
+    def ready(self, p: PathMatchPredictor) -> bool:
         """True when ``p``'s batch-1 state is where the kernel reads it (moved there if it was not)."""
         if self.bound is not None and p.sim is self.view:
             return True
@@ -173,14 +177,17 @@ class PathMatchKernel:
         self.scores_call(self.p_addr, self.f_addr, layer, look[3], look[2])
         return look[4]
 
-    def store(self, p: PathMatchReference) -> None:
-        """Write the finished token's column as memory row ``p.size`` (``p`` made room) and link it."""
+    def store(self, p: PathMatchPredictor) -> None:
+        """Write the finished token's column as memory row ``p.size`` (``p`` made room) and link it; a column
+        the sparse ids cannot hold (`PathMatchPredictor.row_ids`) turns them off."""
         if self.bound is None:
             self.bind(p)
         self.params[_M] = p.size
-        self.lib.prophet_pm_store(self.p_addr, self.f_addr, p._last_row)
+        if self.lib.prophet_pm_store(self.p_addr, self.f_addr, p._last_row):
+            p.row_ids = None
+            self.bound = None
 
-    def carry(self, p: PathMatchReference) -> None:
+    def carry(self, p: PathMatchPredictor) -> None:
         """A new batch-1 token: its similarities start as ``carry`` times the last token's, through ``pred``."""
         old = p.sim
         if old is self.view:  # the last token's half (its buffer kept alive by the view until the call ends)

@@ -92,3 +92,52 @@ def test_an_id_past_the_experts_raises_and_changes_nothing():
         with pytest.raises(ConfigError, match="4 experts"):
             p.observe(1, np.array(bad), None)
         np.testing.assert_array_equal(p.sim, before)
+
+
+def _ids_from_mem(p: PathMatchPredictor) -> np.ndarray:
+    """``row_ids`` as the dense memory says: each (layer, row)'s nonzero entries, ascending, -1 padded."""
+    layers, _, cap = p.mem.shape
+    want = np.full((layers, cap, p.top_k + 1), -1, np.int16)
+    for layer, r in np.ndindex(layers, cap):
+        nz = np.flatnonzero(p.mem[layer, :, r])
+        want[layer, r, : len(nz)] = nz
+    return want
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_the_sparse_row_ids_follow_the_dense_memory(native_on):
+    rng = np.random.default_rng(3)
+    p = PathMatchPredictor(4, 8, 2, max_online=5, native=native_on).fit([random_trace(rng, 40, 4, 8, 2, seqs=3)])
+    np.testing.assert_array_equal(p.row_ids, _ids_from_mem(p))
+    steps = _steps(rng, 14, 4, 8, 2)
+    for i, ids in enumerate(steps):
+        p.observe(i % 4, ids, None)
+        if i % 9 == 6:
+            p.reset()  # a token cut short: its unseen layers are rows that neither match nor vote
+        if i % 4 == 3:
+            np.testing.assert_array_equal(p.row_ids, _ids_from_mem(p))  # after stores and forgetting
+    assert p.size - p.fitted <= 5 < 14  # the online window slid
+
+
+def test_the_sparse_votes_are_the_dense_votes_bit_for_bit():
+    if pathmatch_kernel.library() is None:
+        pytest.skip("no C compiler here: the kernel cannot be built")
+    rng = np.random.default_rng(4)
+    sparse = PathMatchPredictor(4, 16, 3, max_online=6).fit([random_trace(rng, 60, 4, 16, 3, seqs=2)])
+    dense = copy.deepcopy(sparse)
+    dense.row_ids, dense._kernel.bound = None, None  # the kernel's dense loop over mem
+    steps = _steps(rng, 10, 4, 16, 3)
+    for got, want in zip(_run(sparse, steps, 4), _run(dense, steps, 4), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert sparse._kernel.params[pathmatch_kernel._ROWIDS] and not dense._kernel.params[pathmatch_kernel._ROWIDS]
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_a_row_wider_than_top_k_turns_the_sparse_ids_off(native_on):
+    rng = np.random.default_rng(5)
+    fit = random_trace(rng, 30, 3, 8, 2)
+    p, ref = PathMatchPredictor(3, 8, 2, native=native_on).fit([fit]), PathMatchReference(3, 8, 2).fit([fit])
+    steps = _steps(rng, 1, 3, 8, 3) + _steps(rng, 3, 3, 8, 2)  # one token routed to 3 experts, not top_k=2
+    for got, want in zip(_run(p, steps, 3), _run(ref, steps, 3), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5)  # the kernel sums in its own order
+    assert p.row_ids is None
