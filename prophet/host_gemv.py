@@ -14,58 +14,31 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from importlib import resources
-from pathlib import Path
 
 import torch
 
-from prophet import envs
+from prophet import native
 
 logger = logging.getLogger(__name__)
 
 _P, _L = ctypes.c_void_p, ctypes.c_long
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]  # every AVX2 CPU has FMA and F16C
+FLAGS = ("-mavx2", "-mfma", "-mf16c")  # every AVX2 CPU has FMA and F16C; built by `prophet.native`
 
 
 def _cpu_has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def _compile(source: str, target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / "host_gemv.c", Path(tmp) / target.name
-        src.write_text(source)
-        cmd = [compiler, *FLAGS, str(src), "-o", str(out)]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        os.replace(out, target)  # atomic: concurrent processes never load a half-written library
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None (logged once) when it cannot be built here."""
+    """The compiled kernel library, or None (logged once) when it cannot be built here; then host experts use
+    torch's bf16 matmul, about 0.55 of the read bandwidth."""
     if not _cpu_has_avx2():
         logger.info("host GEMV kernel off: the CPU lacks AVX2/FMA; host experts use torch")
         return None
-    source = resources.files("prophet").joinpath("host_gemv.c").read_text()
-    digest = hashlib.sha256(" ".join([source, *FLAGS]).encode()).hexdigest()[:16]
-    target = envs.cache_dir() / f"host_gemv-{digest}.so"
-    try:
-        if not target.exists():
-            _compile(source, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("host GEMV kernel off (%s); host experts use torch's bf16 matmul, about 0.55 of the "
-                       "read bandwidth", exc)
+    lib = native.library("host_gemv", FLAGS)
+    if lib is None:
         return None
     lib.prophet_gemv_bf16.argtypes = [_P, _L, _P, _L, _P, _L, _L, _L, _L, _L]
     lib.prophet_gemv_bf16.restype = None

@@ -5,7 +5,7 @@ about half a microsecond whatever its size; one C call does them all. ctypes rel
 runs. The sources ship with the package (``prophet/<name>.c``); the compiled library's file name carries a hash
 of the source and flags, so an edited source is rebuilt and processes sharing the cache never load a stale or
 half-written one. Where there is no C compiler, compiling fails, or ``PROPHET_NATIVE=0``, `library` returns
-None (the reason logged once) and callers keep their numpy paths.
+None (the reason logged once) and callers keep their numpy or torch paths.
 """
 
 from __future__ import annotations
@@ -61,5 +61,5 @@ def _load(name: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
             compile_source(source, target, name, flags)
         return ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("native kernel %s off (%s); its numpy path runs instead", name, exc)
+        logger.warning("native kernel %s off (%s); its fallback path runs instead", name, exc)
         return None
